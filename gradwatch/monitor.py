@@ -1,0 +1,442 @@
+"""The Lightning-free core: probes -> one host read -> detectors -> remedies -> sinks.
+
+``Monitor`` knows nothing of a trainer. An adapter (the Lightning callback, or a plain loop) calls:
+
+- :meth:`Monitor.bind` once a model exists, :meth:`Monitor.unbind` when the run ends (or fails);
+- :meth:`Monitor.batch_start` before each training batch's forward;
+- :meth:`Monitor.before_optimizer_step` with the optimizer about to step (gradients final);
+- :meth:`Monitor.batch_end` after the batch (and its optimizer step, if any);
+- :meth:`Monitor.validation_end` with the validation loss;
+- :meth:`Monitor.finish` at the end, which flushes and writes the summary.
+
+Per step, gradwatch keeps a handful of device scalars (loss, total gradient norm, non-finite count,
+first non-finite parameter) and never reads them: they are read back, with the scheduled step's
+per-layer statistics, in one stacked transfer when the schedule says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch.detectors import Detector, default_detectors
+from gradwatch.errors import ConfigError
+from gradwatch.findings import Action, Finding
+from gradwatch.probes import ActivationProbe, GradientProbe, ParamLayout, WeightProbe, input_stats
+from gradwatch.probes.activations import FIELDS
+from gradwatch.remedies import Remedy, resolve_remedies
+from gradwatch.schedules import Schedule, as_schedule
+from gradwatch.sinks import Sink, build_summary
+from gradwatch.stats import ActivationStats, InputStats, Stats, StepRecord, Transfer
+
+STATE_VERSION = 1
+
+log = logging.getLogger("gradwatch")
+
+#: Rows kept on device before a flush is forced, whatever the schedule says.
+MAX_PENDING_ROWS = 1024
+
+
+@dataclass
+class _PendingRow:
+    """An optimizer step recorded on device, waiting for the next host read."""
+
+    step: int
+    epoch: int
+    lr: float | None
+    values: torch.Tensor  # [loss, grad_norm, nonfinite_count, first_nonfinite_index]
+    has_loss: bool
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+class Monitor:
+    """Training-health monitor core. See :class:`gradwatch.HealthMonitor` for the arguments."""
+
+    def __init__(
+        self,
+        *,
+        remedies: str | list[str | Remedy] = "auto",
+        every_n_steps: int | Schedule = 20,
+        alert_url: str | None = None,
+        events_path: str | os.PathLike[str] | None = None,
+        per_layer: bool = False,
+        activations: bool = True,
+        inputs: bool = True,
+        update_ratio: bool = True,
+        detectors: Iterable[Detector] | None = None,
+        print_summary: bool = True,
+    ) -> None:
+        self.schedule: Schedule = as_schedule("every_n_steps", every_n_steps, 20)
+        self.every_n_steps = every_n_steps
+        self.remedy_mode = remedies if isinstance(remedies, str) else "custom"
+        self.remedies: list[Remedy] = resolve_remedies(remedies)
+        if alert_url is not None and (
+            not isinstance(alert_url, str) or not alert_url.startswith(("http://", "https://"))
+        ):
+            raise ConfigError(
+                f"alert_url must be an http(s) URL string or None, got {alert_url!r}. "
+                'Write e.g. alert_url="https://hooks.slack.com/services/...".'
+            )
+        self.alert_url = alert_url
+        if events_path is not None and not isinstance(events_path, str | os.PathLike):
+            raise ConfigError(
+                f"events_path must be a path (str or os.PathLike) or None, got {events_path!r} "
+                f'({type(events_path).__name__}). Write e.g. events_path="runs/events.jsonl", or leave it '
+                "out for <trainer.log_dir>/gradwatch/events.jsonl."
+            )
+        self.events_path = os.fspath(events_path) if events_path is not None else None
+        self.per_layer = _check_bool("per_layer", per_layer)
+        self.probe_activations = _check_bool("activations", activations)
+        self.probe_inputs = _check_bool("inputs", inputs)
+        self.probe_update_ratio = _check_bool("update_ratio", update_ratio)
+        self.print_summary = _check_bool("print_summary", print_summary)
+        if detectors is None:
+            self.detectors = default_detectors()
+        else:
+            self.detectors = list(detectors)
+            for d in self.detectors:
+                if not isinstance(d, Detector):
+                    raise ConfigError(
+                        f"detectors must be Detector instances, got {d!r} ({type(d).__name__}). "
+                        "Write e.g. detectors=[gradwatch.detectors.NonFinite()] or leave it out for all rules."
+                    )
+
+        self.findings: list[Finding] = []
+        self.actions: list[Action] = []
+        #: The statistics of the latest host read (what the detectors last judged).
+        self.last_stats: Stats | None = None
+        self.sinks: list[Sink] = []
+        self.steps_seen = 0
+        self.last_step = -1
+        self.last_epoch = 0
+        self.ranges: dict[str, dict[str, float]] = {}
+
+        self._layout: ParamLayout | None = None
+        self._grads: GradientProbe | None = None
+        self._weights: WeightProbe | None = None
+        self._acts: ActivationProbe | None = None
+        self._rows: list[_PendingRow] = []
+        self._row: dict[str, Any] | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
+        self._probed_step: int | None = None
+        self._snap = Transfer()
+        self._snap_meta: dict[str, Any] = {}
+        self._val_loss: float | None = None
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, model: nn.Module, sinks: list[Sink], meta: dict[str, Any] | None = None) -> None:
+        """Attach to ``model`` (parameters, modules) and open ``sinks`` for a run."""
+        self.unbind()
+        self._layout = ParamLayout(model)
+        self._grads = GradientProbe(self._layout)
+        self._weights = WeightProbe(self._layout)
+        self._acts = ActivationProbe(model) if self.probe_activations else None
+        self.sinks = list(sinks)
+        for sink in self.sinks:
+            sink.start(meta or {})
+
+    def unbind(self) -> None:
+        """Remove every hook and drop per-run device state. Safe to call more than once."""
+        if self._acts is not None:
+            self._acts.detach()
+        if self._weights is not None:
+            self._weights.discard()
+        self._snap = Transfer()
+        self._snap_meta = {}
+        self._probed_step = None
+        self._row = None
+
+    def close(self) -> None:
+        self.unbind()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+    @property
+    def hooks_attached(self) -> bool:
+        return self._acts is not None and self._acts.attached
+
+    # ------------------------------------------------------------------ per step
+    def batch_start(self, step: int, batch: Any) -> None:
+        """Before the forward: on a scheduled step's first batch, attach activation hooks and read inputs."""
+        if not self.schedule(step) or self._probed_step == step:
+            return
+        self._probed_step = step
+        if self._acts is not None:
+            self._acts.attach()
+        if self.probe_inputs:
+            stats = input_stats(batch)
+            if stats is not None:
+                self._snap.add("inputs", stats)
+
+    def before_optimizer_step(
+        self, step: int, epoch: int, params: list[torch.Tensor], lr: float | None
+    ) -> None:
+        """Gradients are final (accumulated, unscaled, not yet clipped): measure them on device."""
+        if self._grads is None:
+            return
+        scheduled = self.schedule(step)
+        measured = self._grads.measure(params, per_layer=scheduled)
+        first_call = self._row is None
+        if first_call:
+            self._row = {"step": step, "epoch": epoch, "lr": lr}
+            if scheduled and self.probe_update_ratio and self._weights is not None:
+                self._weights.snapshot()
+        if measured is None:
+            return
+        sq, count, first, layers = measured
+        row = self._row
+        if "sq" in row:  # a second optimizer in the same step: sums of squares add up
+            row["sq"] = row["sq"] + sq
+            row["count"] = row["count"] + count
+            row["first"] = torch.where(row["first"] < 0, first, row["first"])
+        else:
+            row.update(sq=sq, count=count, first=first)
+        if layers is not None:
+            prev = self._snap_meta.get("grad_layers")
+            self._snap_meta["grad_layers"] = layers if prev is None else prev + layers
+
+    def batch_end(self, loss: torch.Tensor | None) -> list[Finding]:
+        """After the batch: add its loss; if an optimizer step ran, record it, and read on a scheduled step."""
+        if self._acts is not None and self._acts.attached:
+            self._acts.detach()
+            names, kinds, acts = self._acts.collect()
+            if acts is not None:
+                self._snap.add("activations", acts)
+                self._snap_meta["activation_names"] = (names, kinds)
+        if loss is not None:
+            loss = loss.detach().float().reshape(())
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_n += 1
+        if self._row is None:
+            return []  # accumulating: no optimizer step in this batch
+        row, self._row = self._row, None
+        device = (
+            row["sq"].device
+            if "sq" in row
+            else (self._layout.device if self._layout else torch.device("cpu"))
+        )
+        has_loss = self._loss_sum is not None
+        loss_mean = (self._loss_sum / self._loss_n).to(device) if has_loss else torch.zeros((), device=device)
+        zero = torch.zeros((), device=device)
+        values = torch.stack(
+            [
+                loss_mean,
+                row["sq"].sqrt() if "sq" in row else zero,
+                row["count"].float() if "count" in row else zero,
+                row["first"].float() if "first" in row else zero - 1,
+            ]
+        )
+        self._rows.append(_PendingRow(row["step"], row["epoch"], row["lr"], values, has_loss))
+        self._loss_sum, self._loss_n = None, 0
+        if self.schedule(row["step"]) or len(self._rows) >= MAX_PENDING_ROWS:
+            return self.flush()
+        return []
+
+    def validation_end(self, step: int, val_loss: float | None) -> None:
+        """Validation after optimizer step ``step``: its loss is judged at the next read."""
+        if val_loss is not None:
+            self._val_loss = val_loss
+            self._emit_scalars(step, {"gradwatch/loss/val": val_loss})
+
+    # ------------------------------------------------------------------ read, judge, act, write
+    def flush(self) -> list[Finding]:
+        """Read everything pending in one transfer, run the detectors and remedies, write to the sinks."""
+        if not self._rows:
+            return []
+        transfer = self._snap
+        self._snap = Transfer()
+        meta, self._snap_meta = self._snap_meta, {}
+        rows, self._rows = self._rows, []
+        transfer.add("rows", torch.stack([r.values.to(rows[0].values.device) for r in rows]))
+        if "grad_layers" in meta:
+            transfer.add("grad_layers", meta["grad_layers"])
+        last = rows[-1]
+        scheduled = self.schedule(last.step) and self._layout is not None
+        if scheduled:
+            w_sq, w_bad, update = self._weights.measure()  # after the step: weights as updated
+            transfer.add("weight_sq", w_sq)
+            transfer.add("weight_bad", w_bad)
+            if update is not None:
+                transfer.add("update", update)
+        host = transfer.read()
+        stats = self._build_stats(rows, host, meta)
+        self.last_stats = stats
+        self.steps_seen += len(rows)
+        self.last_step, self.last_epoch = last.step, last.epoch
+        self._write_scalars(stats)
+        new: list[Finding] = []
+        for detector in self.detectors:
+            new.extend(detector.check(stats.step, stats))
+        for finding in new:
+            self.findings.append(finding)
+            for sink in self.sinks:
+                sink.finding(finding)
+        return new
+
+    def _build_stats(self, rows: list[_PendingRow], host: dict[str, Any], meta: dict[str, Any]) -> Stats:
+        layout = self._layout
+        names = layout.names if layout else []
+        layers = layout.layers if layout else []
+        records = []
+        for r, (loss, gnorm, count, first) in zip(rows, host["rows"], strict=True):
+            first_i = int(first)
+            records.append(
+                StepRecord(
+                    step=r.step,
+                    epoch=r.epoch,
+                    loss=float(loss) if r.has_loss else None,
+                    grad_norm=float(gnorm),
+                    grad_nonfinite=int(count),
+                    first_nonfinite=names[first_i] if 0 <= first_i < len(names) else None,
+                    lr=r.lr,
+                )
+            )
+        last = rows[-1]
+        stats = Stats(step=last.step, epoch=last.epoch, steps=records, val_loss=self._val_loss)
+        self._val_loss = None
+        if "grad_layers" in host:
+            stats.grad_norm = {n: math.sqrt(v) for n, v in zip(layers, host["grad_layers"], strict=True)}
+        if "weight_sq" in host:
+            stats.weight_norm = {
+                n: (math.nan if bad > 0 else math.sqrt(v))
+                for n, v, bad in zip(layers, host["weight_sq"], host["weight_bad"], strict=True)
+            }
+        if "update" in host:
+            upd, before = host["update"]
+            stats.update_ratio = {
+                n: math.sqrt(u) / math.sqrt(b) if b > 0 else math.nan
+                for n, u, b in zip(layers, upd, before, strict=True)
+            }
+            stats.update_ratio["total"] = math.sqrt(upd.sum()) / max(math.sqrt(before.sum()), 1e-30)
+        if "activations" in host:
+            act_names, kinds = meta["activation_names"]
+            stats.activations = {
+                n: ActivationStats(k, *(float(x) for x in v))
+                for n, k, v in zip(act_names, kinds, host["activations"], strict=True)
+            }
+        if "inputs" in host:
+            stats.inputs = InputStats(*(float(x) for x in host["inputs"]))
+        return stats
+
+    def _write_scalars(self, stats: Stats) -> None:
+        for rec in stats.steps:
+            values = {
+                "gradwatch/grad_norm/total": rec.grad_norm,
+                "gradwatch/nonfinite/grad_params": rec.grad_nonfinite,
+            }
+            if rec.loss is not None:
+                values["gradwatch/loss/train"] = rec.loss
+                self._track("loss", rec.loss)
+            if rec.lr is not None:
+                values["gradwatch/lr"] = rec.lr
+            self._track("grad_norm", rec.grad_norm)
+            self._emit_scalars(rec.step, values)
+        values: dict[str, float] = {}
+        if stats.weight_norm:
+            total = math.sqrt(sum(v * v for v in stats.weight_norm.values()))
+            values["gradwatch/weight_norm/total"] = total
+        if "total" in stats.update_ratio:
+            values["gradwatch/update_ratio/total"] = stats.update_ratio["total"]
+        if stats.inputs is not None:
+            for field_name in ("mean", "std", "max_abs"):
+                values[f"gradwatch/inputs/{field_name}"] = getattr(stats.inputs, field_name)
+        if stats.activations:
+            acts = stats.activations.values()
+            values["gradwatch/activations/max_zero_frac"] = max(a.zero_frac for a in acts)
+            values["gradwatch/activations/max_dead_unit_frac"] = max(a.dead_unit_frac for a in acts)
+            values["gradwatch/activations/max_saturated_frac"] = max(a.saturated_frac for a in acts)
+        if self.per_layer:
+            for kind, per in (("grad_norm", stats.grad_norm), ("weight_norm", stats.weight_norm)):
+                values.update({f"gradwatch/{kind}/{n}": v for n, v in per.items()})
+            values.update(
+                {f"gradwatch/update_ratio/{n}": v for n, v in stats.update_ratio.items() if n != "total"}
+            )
+            for name, a in stats.activations.items():
+                for field_name in FIELDS:
+                    values[f"gradwatch/activations/{name}/{field_name}"] = getattr(a, field_name)
+        if values:
+            self._emit_scalars(stats.step, values)
+
+    def _track(self, name: str, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        r = self.ranges.setdefault(name, {"first": value, "min": value, "max": value, "last": value})
+        r["min"], r["max"], r["last"] = min(r["min"], value), max(r["max"], value), value
+
+    def _emit_scalars(self, step: int, values: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.scalars(step, values)
+
+    def record_action(self, action: Action) -> None:
+        self.actions.append(action)
+        for sink in self.sinks:
+            sink.action(action)
+
+    # ------------------------------------------------------------------ end of run
+    def finish(self, status: str = "finished") -> dict[str, Any]:
+        """Flush what is pending, write the summary, remove hooks. Returns the summary dict."""
+        try:
+            self.flush()
+        except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
+            self._rows = []
+            log.warning(
+                "gradwatch: could not read the last %s step(s) back after the failure: %s", status, err
+            )
+        self.unbind()
+        summary = build_summary(
+            self.findings,
+            self.actions,
+            status=status,
+            steps=self.last_step + 1,
+            epochs=self.last_epoch + 1,
+            remedies=[r.name for r in self.remedies],
+            ranges=self.ranges,
+            events_path=self.events_path,
+        )
+        for sink in self.sinks:
+            sink.summary(summary)
+        return summary
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes over a run, for checkpoints. Pending device rows are flushed first."""
+        self.flush()
+        return {
+            "version": STATE_VERSION,
+            "detectors": {type(d).__name__: d.state_dict() for d in self.detectors},
+            "remedies": {r.name: r.state_dict() for r in self.remedies},
+            "findings": [f.to_dict() for f in self.findings],
+            "actions": [a.to_dict() for a in self.actions],
+            "steps_seen": self.steps_seen,
+            "last_step": self.last_step,
+            "last_epoch": self.last_epoch,
+            "ranges": {k: dict(v) for k, v in self.ranges.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for d in self.detectors:
+            if type(d).__name__ in state.get("detectors", {}):
+                d.load_state_dict(state["detectors"][type(d).__name__])
+        for r in self.remedies:
+            if r.name in state.get("remedies", {}):
+                r.load_state_dict(state["remedies"][r.name])
+        self.findings = [Finding.from_dict(f) for f in state.get("findings", [])]
+        self.actions = [Action.from_dict(a) for a in state.get("actions", [])]
+        self.steps_seen = state.get("steps_seen", 0)
+        self.last_step = state.get("last_step", -1)
+        self.last_epoch = state.get("last_epoch", 0)
+        self.ranges = {k: dict(v) for k, v in state.get("ranges", {}).items()}

@@ -1,0 +1,128 @@
+"""Activation probe: forward hooks attached on sampled steps only, detached right after.
+
+Which modules are watched, and how their output is read (see :class:`gradwatch.stats.ActivationStats`):
+
+- ReLU-family modules (``nn.ReLU``, ``nn.ReLU6``): zeros and dead units.
+- ``nn.Tanh``, ``nn.Sigmoid`` (and ``nn.Hardtanh``, ``nn.Hardsigmoid``): saturation.
+- ``nn.Linear`` and ``nn.Conv1d/2d/3d``: their pre-activation output, so that a model that calls
+  ``F.relu`` or ``torch.tanh`` inside ``forward`` is still covered: ``zero_frac`` is the fraction
+  ``<= 0`` (what ReLU would zero) and ``saturated_frac`` the fraction beyond ``|x| > 2.65`` (where
+  tanh is past 0.99).
+- Other activation modules (GELU, SiLU, ELU, LeakyReLU, ...): mean, std and max only.
+
+Units are features for 2-D outputs ``(N, F)``, channels (dim 1) for convolution outputs and 4-D/5-D
+tensors, and the last dimension for 3-D outputs of non-convolution modules ``(N, T, F)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+_RELU = (nn.ReLU, nn.ReLU6)
+_TANH = (nn.Tanh, nn.Hardtanh)
+_SIGMOID = (nn.Sigmoid, nn.Hardsigmoid)
+_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_OTHER = (nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.PReLU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus)
+
+#: tanh(2.65) ~= 0.990: pre-activations beyond this are on tanh's flat part.
+TANH_FLAT = 2.65
+
+#: Fields of the per-module stats vector, in order.
+FIELDS = ("mean", "std", "max_abs", "zero_frac", "dead_unit_frac", "saturated_frac")
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """How gradwatch reads a module's output, or ``None`` if it is not watched."""
+    if isinstance(module, _RELU):
+        return "relu"
+    if isinstance(module, _TANH):
+        return "tanh"
+    if isinstance(module, _SIGMOID):
+        return "sigmoid"
+    if isinstance(module, _LINEAR):
+        return "linear"
+    if isinstance(module, _OTHER):
+        return "other"
+    return None
+
+
+def _unit_dim(y: torch.Tensor, conv: bool) -> int:
+    if y.ndim <= 2:
+        return y.ndim - 1
+    if conv or y.ndim >= 4:
+        return 1
+    return y.ndim - 1
+
+
+def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor:
+    """The :data:`FIELDS` vector of one output tensor, computed on its device without a host sync."""
+    y = y.detach().float()
+    zero = y.new_zeros(())
+    std, mean = torch.std_mean(y) if y.numel() > 1 else (zero, y.mean())
+    max_abs = y.abs().amax()
+    zero_frac = dead = saturated = zero
+    if kind in ("relu", "linear"):
+        off = y == 0 if kind == "relu" else y <= 0
+        zero_frac = off.float().mean()
+        if y.ndim >= 2:
+            units = off.movedim(_unit_dim(y, conv), -1).reshape(-1, y.shape[_unit_dim(y, conv)])
+            dead = units.all(dim=0).float().mean()
+    if kind == "tanh":
+        saturated = (y.abs() > 0.99).float().mean()
+    elif kind == "sigmoid":
+        saturated = ((y < 0.01) | (y > 0.99)).float().mean()
+    elif kind == "linear":
+        saturated = (y.abs() > TANH_FLAT).float().mean()
+    return torch.stack([mean, std, max_abs, zero_frac, dead, saturated])
+
+
+class ActivationProbe:
+    """Attach one-shot forward hooks for one sampled step; :meth:`detach` removes every one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules: list[tuple[str, nn.Module, str]] = [
+            (name, m, kind) for name, m in model.named_modules() if (kind := kind_of(m)) is not None
+        ]
+        self._handles: list[RemovableHandle] = []
+        self._captured: dict[str, torch.Tensor] = {}
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        self.detach()
+        self._captured = {}
+        for name, module, kind in self.modules:
+            self._handles.append(
+                module.register_forward_hook(self._hook(name, kind, isinstance(module, _CONV)))
+            )
+
+    def _hook(self, name: str, kind: str, conv: bool) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if name in self._captured:
+                return  # one sample per module per scheduled step
+            y = output[0] if isinstance(output, tuple | list) else output
+            if isinstance(y, torch.Tensor) and y.is_floating_point() and y.numel() > 0:
+                with torch.no_grad():
+                    self._captured[name] = summarize(y, kind, conv)
+
+        return hook
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def collect(self) -> tuple[list[str], list[str], torch.Tensor | None]:
+        """``(names, kinds, stats[M, len(FIELDS)])`` of the modules that ran since :meth:`attach`."""
+        kinds = {name: kind for name, _, kind in self.modules}
+        names = [name for name, _, _ in self.modules if name in self._captured]
+        stats = torch.stack([self._captured[n] for n in names]) if names else None
+        self._captured = {}
+        return names, [kinds[n] for n in names], stats

@@ -1,0 +1,93 @@
+"""The end-of-fit health summary: built from findings and actions, rendered as one screen of text."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradwatch.findings import Action, Finding, Severity
+
+
+def build_summary(
+    findings: list[Finding],
+    actions: list[Action],
+    *,
+    status: str,
+    steps: int,
+    epochs: int,
+    remedies: list[str],
+    ranges: dict[str, dict[str, float]],
+    events_path: str | None,
+) -> dict[str, Any]:
+    """Group findings by rule (first step, count, worst severity, first layer) and actions by remedy."""
+    rules: dict[str, dict[str, Any]] = {}
+    for f in findings:
+        row = rules.setdefault(
+            f.rule,
+            {
+                "rule": f.rule,
+                "severity": f.severity.value,
+                "first_step": f.step,
+                "count": 0,
+                "layer": f.layer,
+            },
+        )
+        row["count"] += 1
+        row["first_step"] = min(row["first_step"], f.step)
+        if f.severity.rank > Severity(row["severity"]).rank:
+            row["severity"] = f.severity.value
+    done: dict[str, dict[str, Any]] = {}
+    for a in actions:
+        row = done.setdefault(a.remedy, {"remedy": a.remedy, "first_step": a.step, "count": 0, "rules": []})
+        row["count"] += 1
+        if a.rule not in row["rules"]:
+            row["rules"].append(a.rule)
+    worst = max((Severity(r["severity"]).rank for r in rules.values()), default=-1)
+    verdict = {-1: "healthy", 0: "healthy", 1: "warnings", 2: "critical"}[worst]
+    return {
+        "status": status,
+        "verdict": verdict,
+        "steps": steps,
+        "epochs": epochs,
+        "rules": sorted(rules.values(), key=lambda r: (r["first_step"], r["rule"])),
+        "actions": sorted(done.values(), key=lambda r: r["first_step"]),
+        "remedies": remedies,
+        "ranges": ranges,
+        "events_path": events_path,
+    }
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}" if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    """One screen of plain text: verdict, rules fired, actions taken, the ranges that matter."""
+    lines = [
+        f"gradwatch health summary: {s['verdict'].upper()} "
+        f"({s['status']}, {s['steps']} optimizer steps, {s['epochs']} epoch(s))",
+    ]
+    if s["rules"]:
+        lines.append(f"  {'rule':<22} {'severity':<9} {'first step':>10} {'count':>6}  layer")
+        for r in s["rules"]:
+            lines.append(
+                f"  {r['rule']:<22} {r['severity']:<9} {r['first_step']:>10} {r['count']:>6}  {r['layer'] or '-'}"
+            )
+    else:
+        lines.append("  no rule fired")
+    if s["actions"]:
+        lines.append(f"  {'action':<22} {'first step':>10} {'count':>6}  answering")
+        for a in s["actions"]:
+            lines.append(
+                f"  {a['remedy']:<22} {a['first_step']:>10} {a['count']:>6}  {', '.join(a['rules'])}"
+            )
+    else:
+        mode = "remedies off" if not s["remedies"] else "remedies: " + ", ".join(s["remedies"])
+        lines.append(f"  no action taken ({mode})")
+    for name, r in s["ranges"].items():
+        lines.append("  " + name + ": " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items()))
+    if s["events_path"]:
+        lines.append(f"  events: {s['events_path']}")
+    return "\n".join(lines)

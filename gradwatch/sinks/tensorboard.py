@@ -1,0 +1,88 @@
+"""TensorBoard through the trainer's own loggers: no second writer.
+
+Scalars go to every logger with ``log_metrics`` (TensorBoardLogger, CSVLogger, ...). Findings and
+actions are also written as TensorBoard text, and a custom-scalars layout is registered once, when
+the trainer has a TensorBoardLogger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradwatch.findings import Action, Finding
+from gradwatch.sinks.base import Sink
+
+
+def is_tensorboard_logger(logger: Any) -> bool:
+    """True for Lightning's TensorBoardLogger from either package (``pytorch_lightning`` or ``lightning``)."""
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
+    """Charts that put related curves together (TensorBoard's Custom Scalars tab)."""
+    m = "Multiline"
+    return {
+        "gradwatch": {
+            "loss (train, val)": [m, [r"gradwatch/loss/.*"]],
+            "gradient norm": [m, [r"gradwatch/grad_norm/.*"]],
+            "weight norm": [m, [r"gradwatch/weight_norm/.*"]],
+            "update / weight ratio": [m, [r"gradwatch/update_ratio/.*"]],
+            "learning rate": [m, [r"gradwatch/lr"]],
+            "non-finite gradients": [m, [r"gradwatch/nonfinite/.*"]],
+            "inputs": [m, [r"gradwatch/inputs/.*"]],
+        },
+        "gradwatch activations": {
+            "zero / dead fraction": [m, [r"gradwatch/activations/.*(zero_frac|dead_unit_frac)"]],
+            "saturated fraction": [m, [r"gradwatch/activations/.*saturated_frac"]],
+            "std": [m, [r"gradwatch/activations/.*/std"]],
+            "max |x|": [m, [r"gradwatch/activations/.*max_abs"]],
+        },
+    }
+
+
+def finding_markdown(f: Finding) -> str:
+    evidence = ", ".join(f"{k}={v:.4g}" for k, v in f.evidence.items())
+    return (
+        f"**{f.severity.value.upper()}** `{f.rule}` at step {f.step}"
+        + (f" in `{f.layer}`" if f.layer else "")
+        + f"  \n{f.message}  \nevidence: {evidence}  \nadvice: {f.advice}"
+    )
+
+
+class TensorBoard(Sink):
+    """Writes through ``loggers`` (the trainer's). With no logger it writes nothing."""
+
+    name = "tensorboard"
+
+    def __init__(self, loggers: list[Any]) -> None:
+        self.loggers = list(loggers)
+        self._tb = [lg for lg in self.loggers if is_tensorboard_logger(lg)]
+
+    def start(self, meta: dict[str, Any]) -> None:
+        for lg in self._tb:
+            lg.experiment.add_custom_scalars(custom_scalars_layout())
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if values:
+            for lg in self.loggers:
+                lg.log_metrics(values, step=step)
+
+    def _text(self, tag: str, text: str, step: int) -> None:
+        for lg in self._tb:
+            lg.experiment.add_text(tag, text, global_step=step)
+            lg.experiment.flush()
+
+    def finding(self, finding: Finding) -> None:
+        self._text("gradwatch/findings", finding_markdown(finding), finding.step)
+
+    def action(self, action: Action) -> None:
+        detail = ", ".join(f"{k}={v}" for k, v in action.detail.items())
+        self._text(
+            "gradwatch/actions",
+            f"**{action.remedy}** at step {action.step} answering `{action.rule}`  \n{action.message}  \n{detail}",
+            action.step,
+        )
+
+    def close(self) -> None:
+        self._tb = []
+        self.loggers = []

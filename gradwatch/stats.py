@@ -1,0 +1,138 @@
+"""The statistics detectors judge, and the one-transfer reader that brings them to the host.
+
+Probes produce device tensors. :class:`Transfer` concatenates every tensor gathered for a scheduled
+step into one flat float vector and reads it back with a single ``.cpu()`` — one host sync per
+scheduled step however many layers the model has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepRecord:
+    """Per-optimizer-step values, recorded on device every step and read back at the next scheduled step.
+
+    Attributes:
+        step: optimizer step (``trainer.global_step`` during the step).
+        epoch: epoch of the step.
+        loss: mean training loss over the step's (micro-)batches, or ``None`` if the step returned none.
+        grad_norm: total L2 norm of all gradients seen at this step (unscaled, before clipping).
+        grad_nonfinite: number of parameters whose gradient holds a NaN or Inf.
+        first_nonfinite: the first parameter (in ``named_parameters`` order) with a non-finite gradient.
+        lr: learning rate of the first parameter group of the first optimizer.
+    """
+
+    step: int
+    epoch: int
+    loss: float | None
+    grad_norm: float
+    grad_nonfinite: int
+    first_nonfinite: str | None
+    lr: float | None
+
+
+@dataclass
+class ActivationStats:
+    """Summary of one module's output on a sampled step.
+
+    ``kind`` says how to read ``zero_frac`` and ``saturated_frac``:
+
+    - ``"relu"`` (ReLU, ReLU6): ``zero_frac`` is the fraction of exact zeros; ``dead_unit_frac`` the
+      fraction of units (features/channels) that are zero for every sample in the batch.
+    - ``"tanh"`` / ``"sigmoid"``: ``saturated_frac`` is the fraction with ``|y| > 0.99`` (tanh) or
+      ``y < 0.01 or y > 0.99`` (sigmoid).
+    - ``"linear"`` (Linear, Conv): pre-activations. ``zero_frac`` is the fraction ``<= 0`` (what a
+      following ``F.relu`` would zero), ``dead_unit_frac`` the units ``<= 0`` for every sample, and
+      ``saturated_frac`` the fraction with ``|x| > 2.65`` (where a following ``tanh`` is past 0.99).
+    - ``"other"`` (GELU, SiLU, ...): mean, std and max only.
+    """
+
+    kind: str
+    mean: float
+    std: float
+    max_abs: float
+    zero_frac: float
+    dead_unit_frac: float
+    saturated_frac: float
+
+
+@dataclass
+class InputStats:
+    """Mean, standard deviation and max ``|x|`` of the first floating tensor of a sampled batch."""
+
+    mean: float
+    std: float
+    max_abs: float
+
+
+@dataclass
+class Stats:
+    """Everything gradwatch knows at a scheduled step; what ``Detector.check`` receives.
+
+    Attributes:
+        step: the scheduled step these statistics were read at.
+        epoch: its epoch.
+        steps: one :class:`StepRecord` per optimizer step since the previous read, oldest first.
+        grad_norm: per-layer gradient L2 norm at the scheduled step (layer = module name).
+        weight_norm: per-layer weight L2 norm after the scheduled step's update.
+        update_ratio: per-layer ``||w_after - w_before|| / ||w_before||`` of the scheduled step.
+        activations: per-module :class:`ActivationStats` of the scheduled step's forward pass.
+        inputs: :class:`InputStats` of the scheduled step's batch.
+        val_loss: the validation loss of the latest validation run, if one was logged since the last read.
+    """
+
+    step: int
+    epoch: int
+    steps: list[StepRecord] = field(default_factory=list)
+    grad_norm: dict[str, float] = field(default_factory=dict)
+    weight_norm: dict[str, float] = field(default_factory=dict)
+    update_ratio: dict[str, float] = field(default_factory=dict)
+    activations: dict[str, ActivationStats] = field(default_factory=dict)
+    inputs: InputStats | None = None
+    val_loss: float | None = None
+
+
+class Transfer:
+    """Gathers named device tensors and reads them all to the host in one stacked copy.
+
+    Example:
+        >>> t = Transfer()
+        >>> t.add("a", torch.tensor(1.5))
+        >>> t.add("b", torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> out = t.read()
+        >>> float(out["a"]), out["b"].tolist()
+        (1.5, [[1.0, 2.0], [3.0, 4.0]])
+    """
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._tensors: list[torch.Tensor] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self._names.append(name)
+        self._tensors.append(tensor.detach())
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def read(self) -> dict[str, np.ndarray]:
+        """Concatenate, copy to host once, and split back into arrays of the original shapes."""
+        if not self._tensors:
+            return {}
+        device = self._tensors[0].device
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in self._tensors])
+        host = flat.cpu().numpy()  # sync: the one host read per scheduled step
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, tensor in zip(self._names, self._tensors, strict=True):
+            n = tensor.numel()
+            out[name] = host[offset : offset + n].reshape(tensor.shape)
+            offset += n
+        self._names.clear()
+        self._tensors.clear()
+        return out

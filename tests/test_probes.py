@@ -1,0 +1,165 @@
+"""gradwatch's on-device statistics equal an obvious per-parameter reference, on real fits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from models import DigitsMLP, trainer
+
+import gradwatch
+from gradwatch.probes.layout import layer_of
+
+
+class Reference(pl.Callback):
+    """Recomputes every statistic the slow, obvious way and compares with gradwatch's after each step.
+
+    Listed after the HealthMonitor, so its hooks run after gradwatch's on the same step.
+    """
+
+    def __init__(self, monitor: gradwatch.HealthMonitor) -> None:
+        self.monitor = monitor
+        self.checked = 0
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        for name, m in pl_module.named_modules():
+            if isinstance(m, torch.nn.Linear | torch.nn.ReLU | torch.nn.Tanh):
+                m.register_forward_hook(self._keep(name))
+
+    def _keep(self, name):
+        def hook(module, args, out):
+            self.outputs.setdefault(name, out.detach())  # returns None: the output is not replaced
+
+        return hook
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.outputs.clear()
+        self.batch_x = batch[0].clone()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        layers: dict[str, float] = {}
+        for name, p in pl_module.named_parameters():
+            n = torch.linalg.vector_norm(p.grad).item() if p.grad is not None else 0.0
+            layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + n * n
+        self.grad = {k: math.sqrt(v) for k, v in layers.items()}
+        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stats = self.monitor.monitor.last_stats
+        assert stats is not None and stats.step == trainer.global_step - 1
+        (rec,) = stats.steps
+        # gradients: per layer and total
+        for layer, ref in self.grad.items():
+            assert stats.grad_norm[layer] == pytest.approx(ref, rel=1e-5, abs=1e-7)
+        total = math.sqrt(sum(v * v for v in self.grad.values()))
+        assert rec.grad_norm == pytest.approx(total, rel=1e-5)
+        assert rec.loss == pytest.approx(outputs["loss"].item(), rel=1e-6)
+        assert rec.grad_nonfinite == 0 and rec.first_nonfinite is None
+        assert rec.lr == pytest.approx(0.1)
+        # weights after the step and update ratios
+        w_sq: dict[str, float] = {}
+        d_sq: dict[str, float] = {}
+        b_sq: dict[str, float] = {}
+        for name, p in pl_module.named_parameters():
+            layer = layer_of(name)
+            w_sq[layer] = w_sq.get(layer, 0.0) + torch.linalg.vector_norm(p).item() ** 2
+            d_sq[layer] = d_sq.get(layer, 0.0) + torch.linalg.vector_norm(p - self.before[name]).item() ** 2
+            b_sq[layer] = b_sq.get(layer, 0.0) + torch.linalg.vector_norm(self.before[name]).item() ** 2
+        for layer in w_sq:
+            assert stats.weight_norm[layer] == pytest.approx(math.sqrt(w_sq[layer]), rel=1e-5)
+            assert stats.update_ratio[layer] == pytest.approx(math.sqrt(d_sq[layer] / b_sq[layer]), rel=1e-4)
+        # inputs
+        x = self.batch_x
+        assert stats.inputs.mean == pytest.approx(x.mean().item(), rel=1e-5)
+        assert stats.inputs.std == pytest.approx(x.std().item(), rel=1e-5)
+        assert stats.inputs.max_abs == pytest.approx(x.abs().max().item())
+        # activations
+        for name, y in self.outputs.items():
+            a = stats.activations[name]
+            assert a.mean == pytest.approx(y.mean().item(), rel=1e-4, abs=1e-6)
+            assert a.std == pytest.approx(y.std().item(), rel=1e-4)
+            assert a.max_abs == pytest.approx(y.abs().max().item(), rel=1e-6)
+            if a.kind == "relu":
+                assert a.zero_frac == pytest.approx((y == 0).float().mean().item())
+                assert a.dead_unit_frac == pytest.approx((y == 0).all(dim=0).float().mean().item())
+            if a.kind == "linear":
+                assert a.zero_frac == pytest.approx((y <= 0).float().mean().item())
+                assert a.dead_unit_frac == pytest.approx((y <= 0).all(dim=0).float().mean().item())
+                assert a.saturated_frac == pytest.approx((y.abs() > 2.65).float().mean().item())
+            if a.kind == "tanh":
+                assert a.saturated_frac == pytest.approx((y.abs() > 0.99).float().mean().item())
+        self.checked += 1
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_statistics_equal_per_parameter_reference(tmp_path, loaders, act):
+    mon = gradwatch.HealthMonitor(every_n_steps=1, remedies="off")
+    ref = Reference(mon)
+    trainer(tmp_path, [mon, ref], max_steps=12, logger=False).fit(DigitsMLP(act=act), loaders[0])
+    assert ref.checked == 12
+
+
+def test_every_step_is_recorded_between_reads(tmp_path, loaders):
+    """With every_n_steps=5 each host read carries the loss and grad norm of every step since the last."""
+    losses: list[float] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    mon = gradwatch.HealthMonitor(every_n_steps=5, remedies="off")
+    reads = []
+
+    class Reads(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            s = mon.monitor.last_stats
+            if s is not None and (not reads or reads[-1] is not s):
+                reads.append(s)
+
+    trainer(tmp_path, [mon, Losses(), Reads()], max_steps=11, logger=False).fit(DigitsMLP(), loaders[0])
+    steps = [[r.step for r in s.steps] for s in reads]
+    assert steps == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    got = [r.loss for s in reads for r in s.steps]
+    assert got == pytest.approx(losses, rel=1e-6)
+    assert all(s.activations for s in reads) and all(s.inputs is not None for s in reads)
+
+
+def test_functional_activations_are_read_from_the_linear_output(tmp_path, loaders):
+    """A model calling F.relu inside forward: dead/zero fractions come from the Linear feeding it."""
+    model = DigitsMLP(functional=True)
+    mon = gradwatch.HealthMonitor(every_n_steps=1, remedies="off")
+    seen = {}
+
+    class Check(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                seen["relu_zero"] = (F.relu(pl_module.net[0](batch[0])) == 0).float().mean().item()
+
+    trainer(tmp_path, [Check(), mon], max_steps=1, logger=False).fit(model, loaders[0])
+    acts = mon.monitor.last_stats.activations
+    assert set(acts) == {"net.0", "net.1", "head"}
+    assert acts["net.0"].kind == "linear"
+    assert acts["net.0"].zero_frac == pytest.approx(seen["relu_zero"], rel=1e-6)
+
+
+def test_gradient_accumulation_reads_the_accumulated_gradient(tmp_path, loaders):
+    mon = gradwatch.HealthMonitor(every_n_steps=1, remedies="off")
+    ref = {}
+
+    class Grad(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            ref[trainer.global_step] = torch.linalg.vector_norm(
+                torch.stack(
+                    [torch.linalg.vector_norm(p.grad) for p in pl_module.parameters() if p.grad is not None]
+                )
+            ).item()
+
+    trainer(tmp_path, [mon, Grad()], max_steps=4, accumulate_grad_batches=3, logger=False).fit(
+        DigitsMLP(), loaders[0]
+    )
+    assert mon.monitor.steps_seen == 4
+    assert mon.monitor.last_stats.steps[0].grad_norm == pytest.approx(ref[3], rel=1e-5)

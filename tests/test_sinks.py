@@ -1,0 +1,192 @@
+"""What gradwatch writes: TensorBoard through the trainer's loggers, the events file, logging."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import pytorch_lightning as pl
+from models import DigitsMLP, trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import gradwatch
+from gradwatch.findings import REMEDIES, RULES
+from gradwatch.sinks import read_events
+
+FINDING_FIELDS = {
+    "kind",
+    "time",
+    "rule",
+    "severity",
+    "step",
+    "epoch",
+    "layer",
+    "message",
+    "evidence",
+    "advice",
+}
+
+
+def _strict(line: str) -> dict:
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def _tb(logdir: str) -> EventAccumulator:
+    files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    assert len(files) == 1, f"expected the logger's one event file, found {files}"  # no second writer
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_has_gradwatch_tags_text_and_layout(tmp_path, loaders):
+    mon = gradwatch.HealthMonitor(every_n_steps=5, per_layer=True, remedies="off")
+    t = trainer(tmp_path, [mon], max_steps=20, val_check_interval=10)
+    t.fit(DigitsMLP(nan_at_step=12), *loaders)
+    acc = _tb(t.logger.log_dir)
+    scalars = set(acc.Tags()["scalars"])
+    for tag in [
+        "gradwatch/loss/train",
+        "gradwatch/loss/val",
+        "gradwatch/grad_norm/total",
+        "gradwatch/weight_norm/total",
+        "gradwatch/update_ratio/total",
+        "gradwatch/lr",
+        "gradwatch/inputs/std",
+        "gradwatch/activations/max_dead_unit_frac",
+        "gradwatch/grad_norm/net.0",  # per layer = per module: weight and bias together
+        "gradwatch/update_ratio/head",
+        "gradwatch/activations/net.1/zero_frac",
+    ]:
+        assert tag in scalars, tag
+    assert not any(t.endswith((".weight", ".bias")) for t in scalars), "no tag per parameter"
+    # the loss and grad norm curves have a point for every step, not just the scheduled ones
+    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/total")] == list(range(20))
+    assert [e.step for e in acc.Scalars("gradwatch/weight_norm/total")] == [0, 5, 10, 15]
+    tensors = set(acc.Tags()["tensors"])
+    assert "gradwatch/findings/text_summary" in tensors
+    finding_text = acc.Tensors("gradwatch/findings/text_summary")[0]
+    assert finding_text.step == 12 and b"nonfinite" in finding_text.tensor_proto.string_val[0]
+    assert "custom_scalars__config__" in tensors
+
+
+def test_totals_only_by_default(tmp_path, loaders):
+    mon = gradwatch.HealthMonitor(every_n_steps=5)
+    t = trainer(tmp_path, [mon], max_steps=10)
+    t.fit(DigitsMLP(), loaders[0])
+    scalars = set(_tb(t.logger.log_dir).Tags()["scalars"])
+    gw = {s for s in scalars if s.startswith("gradwatch/")}
+    assert "gradwatch/grad_norm/total" in gw and "gradwatch/grad_norm/net.0" not in gw
+    assert len(gw) < 20
+
+
+def test_csv_logger_gets_the_scalars(tmp_path, loaders):
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    mon = gradwatch.HealthMonitor(every_n_steps=5)
+    trainer(tmp_path, [mon], logger=logger, max_steps=10).fit(DigitsMLP(), loaders[0])
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        header = next(csv.reader(f))
+    assert "gradwatch/grad_norm/total" in header and "gradwatch/loss/train" in header
+    assert mon.events_path == os.path.join(logger.log_dir, "gradwatch", "events.jsonl")
+
+
+def test_no_logger_still_writes_events(tmp_path, loaders):
+    mon = gradwatch.HealthMonitor(every_n_steps=5)
+    trainer(tmp_path, [mon], logger=False, max_steps=10).fit(DigitsMLP(nan_at_step=2), loaders[0])
+    path = tmp_path / "gradwatch" / "events.jsonl"
+    assert mon.events_path == str(path)
+    kinds = [e["kind"] for e in read_events(path)]
+    assert kinds[0] == "finding" and kinds[-1] == "summary"
+
+
+def test_events_file_is_strict_jsonl_with_contract_fields(tmp_path, loaders):
+    path = tmp_path / "custom" / "ev.jsonl"
+    mon = gradwatch.HealthMonitor(every_n_steps=5, events_path=path)
+    trainer(tmp_path, [mon], max_steps=15).fit(DigitsMLP(nan_at_step=4), *loaders)
+    lines = path.read_text().splitlines()
+    events = [_strict(line) for line in lines]
+    assert all(e["kind"] in {"finding", "action", "summary"} for e in events)
+    findings = [e for e in events if e["kind"] == "finding"]
+    assert findings and all(set(e) == FINDING_FIELDS for e in findings)
+    assert all(e["rule"] in RULES and e["severity"] in {"info", "warning", "critical"} for e in findings)
+    first = findings[0]
+    assert (first["step"], first["layer"], first["evidence"]["loss"]) == (4, "net.0", "nan")
+    summary = events[-1]
+    assert (
+        summary["kind"] == "summary" and summary["status"] == "finished" and summary["verdict"] == "critical"
+    )
+    assert summary["rules"][0] == {
+        "rule": "nonfinite",
+        "severity": "critical",
+        "first_step": 4,
+        "count": 2,
+        "layer": "net.0",
+    }
+    assert all(a["remedy"] in REMEDIES for e in events if e["kind"] == "action" for a in [e])
+    # the findings in memory are the ones on disk
+    assert [f.to_dict()["step"] for f in mon.findings] == [e["step"] for e in findings]
+
+
+def test_findings_go_to_python_logging(tmp_path, loaders, caplog):
+    logger = logging.getLogger("gradwatch")
+    logger.addHandler(caplog.handler)
+    try:
+        mon = gradwatch.HealthMonitor(every_n_steps=5)
+        trainer(tmp_path, [mon], max_steps=10, logger=False).fit(DigitsMLP(nan_at_step=3), loaders[0])
+    finally:
+        logger.removeHandler(caplog.handler)
+    errors = [r for r in caplog.records if r.name == "gradwatch" and r.levelno == logging.ERROR]
+    assert errors and "nonfinite at step 3 in net.0" in errors[0].getMessage()
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith("gradwatch health summary: CRITICAL") and "nonfinite" in m for m in infos)
+
+
+def test_killed_run_keeps_events_written_before(tmp_path):
+    """SIGKILL mid-fit: the finding written at step 5 is on disk, whole."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import pytorch_lightning as pl, gradwatch
+        from models import DigitsMLP, digits_loaders, trainer
+
+        class Kill(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == 8:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        mon = gradwatch.HealthMonitor(every_n_steps=5, events_path={str(tmp_path / "ev.jsonl")!r})
+        trainer({str(tmp_path)!r}, [mon, Kill()], max_steps=20, logger=False).fit(
+            DigitsMLP(nan_at_step=2), digits_loaders()[0])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    events = [_strict(line) for line in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["rule"], e["step"]) for e in events][:1] == [("finding", "nonfinite", 2)]
+    assert all(e["kind"] != "summary" for e in events)
+
+
+def test_failed_run_writes_a_failed_summary(tmp_path, loaders):
+    class Boom(DigitsMLP):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 6:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    mon = gradwatch.HealthMonitor(every_n_steps=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, [mon], max_steps=10, logger=False).fit(Boom(), loaders[0])
+    (summary,) = [e for e in read_events(mon.events_path) if e["kind"] == "summary"]
+    assert summary["status"] == "failed"
