@@ -58,8 +58,10 @@ class GradientProbe:
         sq = norms.square()
         count = bad.sum()
         positions = self._indices(tuple(idx), device)
-        # argmax over a 0/1 vector gives the first bad entry; -1 when there is none.
-        first = torch.where(count > 0, positions[bad.to(torch.float32).argmax()], -1)
+        # argmax of a 0/1 vector is its first 1; index_select keeps it on device (a tensor index would sync)
+        first = torch.where(
+            count > 0, positions.index_select(0, bad.to(torch.float32).argmax().reshape(1))[0], -1
+        )
         layers = None
         if per_layer:
             layers = torch.zeros(len(self.layout.layers), dtype=sq.dtype, device=device)
