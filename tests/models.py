@@ -57,7 +57,7 @@ class DigitsMLP(pl.LightningModule):
             layers.append(nn.Linear(a, b))
             if not functional:
                 layers.append(acts[act]())
-            if i == 0:
+            if i == 0 and inf_grad_at_step is not None:
                 self.gate = nn.Parameter(torch.ones(()))
         self.net = nn.Sequential(*layers)
         self.head = nn.Linear(sizes[-1], 10)

@@ -1,12 +1,46 @@
-"""Detectors judge statistics and return findings; one rule per module."""
+"""Detectors judge statistics and return findings; one rule per module.
+
+Importing this package registers every rule in :data:`REGISTRY`, in this order.
+"""
 
 from gradwatch.detectors.base import REGISTRY, Detector
+from gradwatch.detectors.dead_units import DeadUnits
+from gradwatch.detectors.divergence import Divergence
+from gradwatch.detectors.exploding_gradients import ExplodingGradients
+from gradwatch.detectors.frozen_weights import FrozenWeights
+from gradwatch.detectors.gradient_spike import GradientSpike
+from gradwatch.detectors.loss_plateau import LossPlateau
+from gradwatch.detectors.loss_spike import LossSpike
 from gradwatch.detectors.nonfinite import NonFinite
+from gradwatch.detectors.overfitting import Overfitting
+from gradwatch.detectors.poor_initialization import PoorInitialization
+from gradwatch.detectors.saturated_activations import SaturatedActivations
+from gradwatch.detectors.unnormalized_inputs import UnnormalizedInputs
+from gradwatch.detectors.update_ratio import UpdateRatio
+from gradwatch.detectors.vanishing_gradients import VanishingGradients
 
 
 def default_detectors() -> list[Detector]:
-    """A fresh instance of every implemented rule, in registry order."""
+    """A fresh instance of every implemented rule, with its default thresholds, in registry order."""
     return [cls() for cls in REGISTRY.values()]
 
 
-__all__ = ["REGISTRY", "Detector", "NonFinite", "default_detectors"]
+__all__ = [
+    "REGISTRY",
+    "DeadUnits",
+    "Detector",
+    "Divergence",
+    "ExplodingGradients",
+    "FrozenWeights",
+    "GradientSpike",
+    "LossPlateau",
+    "LossSpike",
+    "NonFinite",
+    "Overfitting",
+    "PoorInitialization",
+    "SaturatedActivations",
+    "UnnormalizedInputs",
+    "UpdateRatio",
+    "VanishingGradients",
+    "default_detectors",
+]

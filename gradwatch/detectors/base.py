@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from gradwatch.findings import Finding
+from gradwatch.errors import ConfigError
+from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
 #: rule id -> detector class; filled by ``Detector.__init_subclass__``.
@@ -16,31 +17,106 @@ class Detector:
 
     A detector is pure: ``check`` reads the statistics of one scheduled step (with every step's
     record since the previous one) and returns findings. It touches no trainer, does no I/O and makes
-    no torch call. What it remembers between checks (baselines, windows, whether a condition is
-    already reported) lives in plain attributes that :meth:`state_dict` returns, so a resumed run
-    judges exactly as the original would have.
+    no torch call. What it remembers between checks (baselines, windows, which conditions are already
+    reported) lives in plain attributes listed in :attr:`state_fields`, so a resumed run judges exactly
+    as the original would have. Attributes with ``state()``/``load()`` (running statistics) are saved
+    through those.
 
-    Subclasses set :attr:`rule` and list their remembered attributes in :attr:`state_fields`.
+    Findings are de-duplicated by episode: :meth:`report` emits a finding when a condition starts or
+    worsens (higher severity), and :meth:`resolve` emits one ``info`` finding when it ends.
     """
 
     rule: ClassVar[str] = ""
     state_fields: ClassVar[tuple[str, ...]] = ()
+    advice: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.rule:
             REGISTRY[cls.rule] = cls
 
+    @property
+    def active(self) -> dict[str, str]:
+        """Open episodes: key -> severity of the last finding reported for it."""
+        if not hasattr(self, "_active"):
+            self._active: dict[str, str] = {}
+        return self._active
+
     def check(self, step: int, stats: Stats) -> list[Finding]:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ episodes
+    def report(self, key: str, finding: Finding) -> list[Finding]:
+        """Open (or worsen) the episode ``key``; returns ``[finding]`` only if it is new or more severe."""
+        previous = self.active.get(key)
+        if previous is not None and Severity(previous).rank >= finding.severity.rank:
+            return []
+        self.active[key] = finding.severity.value
+        return [finding]
+
+    def resolve(
+        self,
+        key: str,
+        step: int,
+        epoch: int,
+        layer: str | None,
+        message: str,
+        evidence: dict[str, float] | None = None,
+    ) -> list[Finding]:
+        """Close the episode ``key`` if open, with one ``info`` finding saying so."""
+        if self.active.pop(key, None) is None:
+            return []
+        return [Finding(self.rule, Severity.INFO, step, epoch, layer, message, evidence or {}, "")]
+
+    def finding(
+        self,
+        severity: Severity | str,
+        step: int,
+        epoch: int,
+        layer: str | None,
+        message: str,
+        evidence: dict[str, float],
+        advice: str | None = None,
+    ) -> Finding:
+        return Finding(
+            self.rule,
+            Severity(severity),
+            step,
+            epoch,
+            layer,
+            message,
+            evidence,
+            self.advice if advice is None else advice,
+        )
+
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.state_fields}
+        out: dict[str, Any] = {"active": dict(self.active)}
+        for name in self.state_fields:
+            value = getattr(self, name)
+            out[name] = value.state() if hasattr(value, "state") else value
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active.clear()
+        self.active.update(state.get("active", {}))
         for name in self.state_fields:
-            if name in state:  # fields added later keep their defaults
+            if name not in state:  # fields added later keep their defaults
+                continue
+            current = getattr(self, name)
+            if hasattr(current, "load"):
+                current.load(state[name])
+            else:
                 setattr(self, name, state[name])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def check_threshold(owner: str, name: str, value: object, low: float = 0.0, example: float = 1.0) -> float:
+    """Validate a numeric threshold ``> low``; raise :class:`ConfigError` naming the detector and argument."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > low:
+        raise ConfigError(
+            f"{owner}({name}=...) must be a number > {low:g}, got {value!r}. Write e.g. {name}={example}."
+        )
+    return float(value)

@@ -1,0 +1,58 @@
+"""``dead_units``: ReLU units that never activate."""
+
+from __future__ import annotations
+
+from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.findings import Finding, Severity
+from gradwatch.stats import Stats
+
+
+class DeadUnits(Detector):
+    """Most units (features/channels) of a ReLU layer output zero for every sample of the batch.
+
+    Statistic: per ReLU module on scheduled steps, ``dead_unit_frac`` = the fraction of units that are
+    zero for every sample in the batch. For models with no activation modules at all (``F.relu`` inside
+    ``forward``), the Linear/Conv pre-activations stand in (units ``<= 0`` for every sample), except the
+    model's last Linear/Conv, whose outputs are not followed by a ReLU.
+
+    Fires when the fraction exceeds ``threshold`` (0.5; SageMaker Debugger: units inactive in > 50% of
+    a layer) on ``persist`` (2) consecutive checks — a dead unit stays dead, a sleepy one does not.
+    Severity: warning; critical when ``>= 0.95`` of the layer is dead. Evidence: dead_unit_frac, zero_frac.
+    Source for the score: ReDo (Sokar et al., 2023) calls a unit dormant below 0.025 of the layer mean.
+    """
+
+    rule = "dead_units"
+    state_fields = ("streaks",)
+    advice = (
+        "These ReLU units output zero for every input, so they pass no gradient and never recover: the "
+        "learning rate was too high (a large update pushed their biases negative), the initialization "
+        "was poor, or inputs are unnormalized. Lower the learning rate, use He (Kaiming) initialization, "
+        "normalize inputs, add BatchNorm, or use LeakyReLU/GELU; re-initializing the dead units can revive "
+        "the layer."
+    )
+
+    def __init__(self, threshold: float = 0.5, persist: int = 2) -> None:
+        self.threshold = check_threshold("DeadUnits", "threshold", threshold, example=0.5)
+        self.persist = int(check_threshold("DeadUnits", "persist", persist, example=2))
+        self.streaks: dict[str, int] = {}
+
+    def check(self, step: int, stats: Stats) -> list[Finding]:
+        acts = stats.activations
+        watched = [n for n, a in acts.items() if a.kind == "relu"]
+        if not watched and not any(a.kind in ("tanh", "sigmoid", "other") for a in acts.values()):
+            watched = [n for n, a in acts.items() if a.kind == "linear"][:-1]  # functional ReLUs
+        out: list[Finding] = []
+        for name in watched:
+            a = acts[name]
+            frac = a.dead_unit_frac
+            if frac <= self.threshold:
+                self.streaks.pop(name, None)
+                out += self.resolve(name, step, stats.epoch, name, f"{name}: dead units down to {frac:.0%}")
+                continue
+            self.streaks[name] = streak = self.streaks.get(name, 0) + 1
+            if streak >= self.persist:
+                severity = Severity.CRITICAL if frac >= 0.95 else Severity.WARNING
+                message = f"{frac:.0%} of {name}'s units are zero for every sample (zeros overall: {a.zero_frac:.0%})"
+                evidence = {"dead_unit_frac": frac, "zero_frac": a.zero_frac, "checks": float(streak)}
+                out += self.report(name, self.finding(severity, step, stats.epoch, name, message, evidence))
+        return out

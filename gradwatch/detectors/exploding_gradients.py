@@ -1,0 +1,90 @@
+"""``exploding_gradients``: sustained growth of the gradient norm while the loss gets worse."""
+
+from __future__ import annotations
+
+import math
+
+from gradwatch.detectors._running import EMA, safe_log
+from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.findings import Finding, Severity
+from gradwatch.stats import Stats
+
+
+class ExplodingGradients(Detector):
+    """The gradient norm's trend rises by orders of magnitude and stays there.
+
+    Formula: ``G`` = EMA (alpha 0.9) of ``log g``, ``G_min`` its minimum after ``warmup_steps``;
+    ``L`` = EMA (alpha 0.9) of the loss, ``L_best`` its minimum. Fires when, for ``patience``
+    consecutive steps, ``exp(G - G_min) >= growth`` (10x) and the loss is not improving
+    (``L >= L_best * 1.2``), or ``exp(G - G_min) >= 100 * growth`` whatever the loss does.
+    A healthy run's gradient norm can grow 10x as it learns; with the loss falling that is not an
+    explosion. Non-finite steps are the ``nonfinite`` rule's and are skipped here.
+
+    Severity: warning; critical at 1000x. Evidence: grad_norm, grad_norm_min, growth, loss, loss_best.
+    """
+
+    rule = "exploding_gradients"
+    state_fields = ("g", "loss", "g_min", "loss_best", "streak")
+    advice = (
+        "Gradients have been growing by orders of magnitude while the loss gets worse: the learning rate "
+        "is too high for the current curvature, or the model is unstable (deep plain stacks, recurrent "
+        "weights > 1, no normalization). Lower the learning rate (or add warm-up), clip gradients, add "
+        "normalization layers (BatchNorm/LayerNorm), and prefer architectures with skip connections."
+    )
+
+    def __init__(self, growth: float = 10.0, patience: int = 5, warmup_steps: int = 10) -> None:
+        self.growth = check_threshold("ExplodingGradients", "growth", growth, low=1.0, example=10.0)
+        self.patience = int(check_threshold("ExplodingGradients", "patience", patience, example=5))
+        self.warmup_steps = int(
+            check_threshold("ExplodingGradients", "warmup_steps", warmup_steps, low=-1, example=10)
+        )
+        self.g, self.loss = EMA(0.9), EMA(0.9)
+        self.g_min = math.inf
+        self.loss_best = math.inf
+        self.streak = 0
+
+    def check(self, step: int, stats: Stats) -> list[Finding]:
+        out: list[Finding] = []
+        for rec in stats.steps:
+            if rec.grad_nonfinite or not math.isfinite(rec.grad_norm) or rec.grad_norm <= 0:
+                continue
+            self.g.update(safe_log(rec.grad_norm))
+            if rec.loss is not None and math.isfinite(rec.loss):
+                self.loss.update(rec.loss)
+            if self.g.n <= self.warmup_steps:
+                continue
+            self.g_min = min(self.g_min, self.g.mean)
+            self.loss_best = min(self.loss_best, self.loss.mean) if self.loss.n else self.loss_best
+            growth = math.exp(self.g.mean - self.g_min)
+            worse = self.loss.n > 0 and self.loss.mean >= 1.2 * self.loss_best and self.loss_best < math.inf
+            if (growth >= self.growth and worse) or growth >= 100 * self.growth:
+                self.streak += 1
+            else:
+                self.streak = 0
+                if growth < math.sqrt(self.growth):
+                    out += self.resolve(
+                        "explode",
+                        rec.step,
+                        rec.epoch,
+                        None,
+                        f"gradient norm back to {growth:.1f}x its minimum",
+                        {"growth": growth},
+                    )
+            if self.streak >= self.patience:
+                severity = Severity.CRITICAL if growth >= 100 * self.growth else Severity.WARNING
+                evidence = {
+                    "grad_norm": math.exp(self.g.mean),
+                    "grad_norm_min": math.exp(self.g_min),
+                    "growth": growth,
+                    "loss": self.loss.mean,
+                    "loss_best": self.loss_best,
+                }
+                message = (
+                    f"gradient norm trend grew {growth:.3g}x (from {evidence['grad_norm_min']:.3g} to "
+                    f"{evidence['grad_norm']:.3g}) over the run while the loss rose to {self.loss.mean:.4g} "
+                    f"(best {self.loss_best:.4g})"
+                )
+                out += self.report(
+                    "explode", self.finding(severity, rec.step, rec.epoch, None, message, evidence)
+                )
+        return out
