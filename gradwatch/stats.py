@@ -43,11 +43,12 @@ class ActivationStats:
     ``kind`` says how to read ``zero_frac`` and ``saturated_frac``:
 
     - ``"relu"`` (ReLU, ReLU6): ``zero_frac`` is the fraction of exact zeros; ``dead_unit_frac`` the
-      fraction of units (features/channels) that are zero for every sample in the batch.
+      fraction of units (features/channels) that are non-zero on fewer than 1% of the batch's samples
+      (and positions, for convolutions).
     - ``"tanh"`` / ``"sigmoid"``: ``saturated_frac`` is the fraction with ``|y| > 0.99`` (tanh) or
       ``y < 0.01 or y > 0.99`` (sigmoid).
     - ``"linear"`` (Linear, Conv): pre-activations. ``zero_frac`` is the fraction ``<= 0`` (what a
-      following ``F.relu`` would zero), ``dead_unit_frac`` the units ``<= 0`` for every sample, and
+      following ``F.relu`` would zero), ``dead_unit_frac`` the units ``> 0`` on fewer than 1% of samples, and
       ``saturated_frac`` the fraction with ``|x| > 2.65`` (where a following ``tanh`` is past 0.99).
     - ``"other"`` (GELU, SiLU, ...): mean, std and max only.
     """

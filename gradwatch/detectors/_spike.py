@@ -18,10 +18,16 @@ class SpikeDetector(Detector):
     A spike does not enter the baseline as is: the EMA is updated with the value clipped at
     ``z`` standard deviations (ZClip's rule), so a lasting level shift is absorbed gradually.
     Consecutive spike steps are one episode and give one finding.
+
+    ``scale`` picks the standard deviation: ``"ema"``, the EMA variance around the mean (it includes
+    a trend's spread, which matches the lag of the mean on a rising series such as early gradient
+    norms), or ``"diff"``, half the EMA of squared step-to-step differences (blind to slow trends, so a
+    falling loss does not inflate it).
     """
 
-    state_fields = ("ema",)
+    state_fields = ("ema", "diff_var", "prev")
     what = ""
+    scale = "ema"
 
     def __init__(
         self, z: float = 6.0, ratio: float = 3.0, alpha: float = 0.97, warmup_steps: int = 25
@@ -32,6 +38,12 @@ class SpikeDetector(Detector):
         self.alpha = check_threshold(name, "alpha", alpha, example=0.97)
         self.warmup_steps = int(check_threshold(name, "warmup_steps", warmup_steps, low=-1, example=25))
         self.ema = EMA(self.alpha)
+        self.diff_var = 0.0
+        self.prev = math.nan
+
+    def _std(self) -> float:
+        var = self.ema.var if self.scale == "ema" else self.diff_var
+        return math.sqrt(max(var, 1e-6))
 
     def value(self, rec: StepRecord) -> float | None:
         raise NotImplementedError
@@ -44,7 +56,7 @@ class SpikeDetector(Detector):
                 continue  # non-finite values are the nonfinite rule's
             lx = safe_log(x)
             if self.ema.n >= self.warmup_steps:
-                z = self.ema.z(lx, floor=1e-6)
+                z = (lx - self.ema.mean) / self._std()
                 baseline = math.exp(self.ema.mean)
                 if z >= self.z and x >= self.ratio * baseline:
                     severity = Severity.CRITICAL if x >= 100 * baseline else Severity.WARNING
@@ -58,8 +70,11 @@ class SpikeDetector(Detector):
                     out += self.report(
                         "spike", self.finding(severity, rec.step, rec.epoch, None, message, evidence)
                     )
-                    self.ema.update(self.ema.mean + self.z * math.sqrt(max(self.ema.var, 1e-12)))
+                    self.ema.update(self.ema.mean + self.z * self._std())
                     continue
             self.active.pop("spike", None)
+            if not math.isnan(self.prev):
+                self.diff_var = self.alpha * self.diff_var + (1 - self.alpha) * (lx - self.prev) ** 2 / 2
+            self.prev = lx
             self.ema.update(lx)
         return out

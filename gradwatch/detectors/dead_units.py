@@ -8,12 +8,13 @@ from gradwatch.stats import Stats
 
 
 class DeadUnits(Detector):
-    """Most units (features/channels) of a ReLU layer output zero for every sample of the batch.
+    """Most units (features/channels) of a ReLU layer output zero for (almost) every sample.
 
     Statistic: per ReLU module on scheduled steps, ``dead_unit_frac`` = the fraction of units that are
-    zero for every sample in the batch. For models with no activation modules at all (``F.relu`` inside
-    ``forward``), the Linear/Conv pre-activations stand in (units ``<= 0`` for every sample), except the
-    model's last Linear/Conv, whose outputs are not followed by a ReLU.
+    non-zero on fewer than 1% of the batch's samples (and spatial positions, for convolutions) —
+    SageMaker Debugger's "active less than 1% of the time". For models with no activation modules at
+    all (``F.relu`` inside ``forward``), the Linear/Conv pre-activations stand in (units ``> 0`` on fewer
+    than 1% of samples), except the model's last Linear/Conv, whose outputs are not followed by a ReLU.
 
     Fires when the fraction exceeds ``threshold`` (0.5; SageMaker Debugger: units inactive in > 50% of
     a layer) on ``persist`` (2) consecutive checks — a dead unit stays dead, a sleepy one does not.
@@ -52,7 +53,7 @@ class DeadUnits(Detector):
             self.streaks[name] = streak = self.streaks.get(name, 0) + 1
             if streak >= self.persist:
                 severity = Severity.CRITICAL if frac >= 0.95 else Severity.WARNING
-                message = f"{frac:.0%} of {name}'s units are zero for every sample (zeros overall: {a.zero_frac:.0%})"
+                message = f"{frac:.0%} of {name}'s units are active on fewer than 1% of samples (zeros overall: {a.zero_frac:.0%})"
                 evidence = {"dead_unit_frac": frac, "zero_frac": a.zero_frac, "checks": float(streak)}
                 out += self.report(name, self.finding(severity, step, stats.epoch, name, message, evidence))
         return out

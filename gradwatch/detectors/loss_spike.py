@@ -9,8 +9,10 @@ from gradwatch.stats import StepRecord
 class LossSpike(SpikeDetector):
     """A single step whose training loss is far above its running baseline.
 
-    Formula: as ``gradient_spike`` on ``log(loss)``: ``z >= 6`` and ``loss >= 2 * exp(m)`` (MosaicML's
-    2x rule for loss spikes), EMA alpha 0.97, 25 warm-up steps. Losses <= 0 are skipped.
+    Formula: as ``gradient_spike`` on ``log(loss)``: ``z >= 5`` and ``loss >= 2 * exp(m)`` (MosaicML's
+    2x rule for loss spikes), EMA alpha 0.97, 25 warm-up steps. Losses <= 0 are skipped. The standard
+    deviation is estimated from step-to-step differences (``scale="diff"``): a steadily falling loss
+    does not inflate it, so spikes stand out early in training too.
 
     Severity: warning; critical at 100x the baseline. Evidence: value, baseline, ratio, z, lr.
     """
@@ -23,8 +25,10 @@ class LossSpike(SpikeDetector):
         "learning rate or add warm-up, clip gradients, and inspect the batches at these steps."
     )
 
+    scale = "diff"
+
     def __init__(
-        self, z: float = 6.0, ratio: float = 2.0, alpha: float = 0.97, warmup_steps: int = 25
+        self, z: float = 5.0, ratio: float = 2.0, alpha: float = 0.97, warmup_steps: int = 25
     ) -> None:
         super().__init__(z=z, ratio=ratio, alpha=alpha, warmup_steps=warmup_steps)
 

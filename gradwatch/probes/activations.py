@@ -32,6 +32,10 @@ _OTHER = (nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.PReLU, nn.SELU, nn.CELU, nn
 #: tanh(2.65) ~= 0.990: pre-activations beyond this are on tanh's flat part.
 TANH_FLAT = 2.65
 
+#: A unit active on fewer than this fraction of the batch's samples (and positions) counts as dead
+#: (SageMaker Debugger's dead-ReLU rule: active less than 1% of the time).
+DEAD_RATE = 0.01
+
 #: Fields of the per-module stats vector, in order.
 FIELDS = ("mean", "std", "max_abs", "zero_frac", "dead_unit_frac", "saturated_frac")
 
@@ -70,8 +74,9 @@ def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor:
         off = y == 0 if kind == "relu" else y <= 0
         zero_frac = off.float().mean()
         if y.ndim >= 2:
-            units = off.movedim(_unit_dim(y, conv), -1).reshape(-1, y.shape[_unit_dim(y, conv)])
-            dead = units.all(dim=0).float().mean()
+            dim = _unit_dim(y, conv)
+            active = (~off).movedim(dim, -1).reshape(-1, y.shape[dim]).float().mean(dim=0)
+            dead = (active < DEAD_RATE).float().mean()
     if kind == "tanh":
         saturated = (y.abs() > 0.99).float().mean()
     elif kind == "sigmoid":
