@@ -208,6 +208,22 @@ class ZooModule(pl.LightningModule):
         self.log("val_loss", F.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(-1) == y).float().mean())
 
+    def _lr_factor(self, s: int) -> float:
+        total, jump = self.total_steps, self.faults.lr_jump_at
+        factor = 1.0
+        if self.schedule == "warmup_cosine":
+            warm = max(total // 10, 1)
+            factor = (
+                (s + 1) / warm
+                if s < warm
+                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
+            )
+        elif self.schedule == "step":
+            factor = 0.5 ** (s // max(total // 3, 1))
+        if jump and s >= jump[0]:
+            factor *= jump[1]
+        return factor
+
     def configure_optimizers(self):
         params: Any = self.parameters()
         if self.faults.freeze_first_lr:
@@ -220,25 +236,12 @@ class ZooModule(pl.LightningModule):
             "adam": lambda: torch.optim.Adam(params, lr=self.lr),
             "adamw": lambda: torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01),
         }[self.opt]()
-        total, jump = self.total_steps, self.faults.lr_jump_at
-        if self.schedule == "warmup_cosine":
-            warm = max(total // 10, 1)
-            fn = lambda s: (
-                (s + 1) / warm
-                if s < warm
-                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
-            )  # noqa: E731
-        elif self.schedule == "step":
-            fn = lambda s: 0.5 ** (s // max(total // 3, 1))  # noqa: E731
-        elif self.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=total + 1)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.schedule == "onecycle":
+            sched: Any = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=self.lr, total_steps=self.total_steps + 1
+            )
         else:
-            fn = lambda s: 1.0  # noqa: E731
-        if jump:
-            base = fn
-            fn = lambda s: base(s) * (jump[1] if s >= jump[0] else 1.0)  # noqa: E731
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -39,7 +39,7 @@ class UpdateRatio(Detector):
         self.high = check_threshold("UpdateRatio", "high", high, example=1e-1)
         self.persist = int(check_threshold("UpdateRatio", "persist", persist, example=3))
         self.streaks: dict[str, int] = {}
-        self.last_lr = math.nan
+        self.last_lr: float | None = None
 
     def _judge(self, key: str, bad: bool, step: int, stats: Stats, finding: Finding | None) -> list[Finding]:
         if not bad:
@@ -57,9 +57,9 @@ class UpdateRatio(Detector):
         lrs = [r.lr for r in stats.steps if r.lr is not None]
         lr = lrs[-1] if lrs else math.nan
         rising = bool(lrs) and (
-            lrs[-1] > lrs[0] * 1.01 or (not math.isnan(self.last_lr) and lr > self.last_lr * 1.01)
+            lrs[-1] > lrs[0] * 1.01 or (self.last_lr is not None and lr > self.last_lr * 1.01)
         )
-        self.last_lr = lr
+        self.last_lr = lr if lrs else self.last_lr
         total = ratios.pop("total")
         evidence = {"ratio": total, "low": self.low, "high": self.high}
         if lrs:
