@@ -11,6 +11,7 @@ import torch
 
 from gradwatch.detectors import Detector
 from gradwatch.monitor import Monitor
+from gradwatch.progress import ProgressStatus
 from gradwatch.remedies import Remedy
 from gradwatch.schedules import Schedule
 from gradwatch.sinks import Console, EventsFile, Sink, TensorBoard
@@ -105,6 +106,7 @@ class HealthMonitor(pl.Callback):
             )
         self.val_loss_key = val_loss_key
         self._alert_targets = check_targets(alert_url, alerts)
+        self._progress = ProgressStatus(lambda: self.monitor.findings)
         self.name = name
         self._events_path = events_path
         self._fitting = False
@@ -144,6 +146,7 @@ class HealthMonitor(pl.Callback):
             ]
             if self._alert_targets:
                 sinks.append(Alerts(self._alert_targets, run=self.name))
+        self._progress.attach(trainer)
         self.monitor.bind(pl_module, sinks, meta={"run": trainer.log_dir})
         self._fitting = True
 
@@ -159,6 +162,7 @@ class HealthMonitor(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._fitting:
             self._finish("finished")
+        self._progress.detach()
         self.monitor.close()
 
     def _finish(self, status: str) -> None:
