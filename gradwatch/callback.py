@@ -11,9 +11,11 @@ import torch
 
 from gradwatch.detectors import Detector
 from gradwatch.monitor import Monitor
+from gradwatch.progress import ProgressStatus
 from gradwatch.remedies import Remedy
 from gradwatch.schedules import Schedule
 from gradwatch.sinks import Console, EventsFile, Sink, TensorBoard
+from gradwatch.sinks.alerts import Alerts, Target, check_targets
 
 VAL_LOSS_KEYS = ("val_loss", "val/loss", "validation_loss", "valid_loss", "loss/val")
 
@@ -43,7 +45,8 @@ class HealthMonitor(pl.Callback):
             to the host (one transfer), samples activations and inputs, and runs the detectors. Every
             step's loss and gradient norm are still recorded, on device. An ``int`` or a ``step -> bool``
             callable.
-        alert_url: where alerts will be posted (validated now, used by the alerts feature).
+        alert_url: a webhook (e.g. Slack's) to post alerts to: each new warning/critical finding, each
+            remedy action and a final message with the summary (see docs/alerts.md).
         events_path: the events file; default ``<trainer.log_dir>/gradwatch/events.jsonl``.
         per_layer: also log per-layer (per-module) curves to TensorBoard; totals are always logged.
         activations: sample activation statistics with forward hooks on scheduled steps.
@@ -54,6 +57,7 @@ class HealthMonitor(pl.Callback):
             ``val_loss``, ``val/loss``, ``validation_loss``, ``valid_loss``, ``loss/val`` that is logged.
         name: tells two monitors in one trainer apart in checkpoints.
         print_summary: log the one-screen summary when fit ends.
+        alerts: more alert targets: http(s) URLs and/or callables taking the payload dict.
 
     Raises:
         ConfigError: on any bad argument, with what to write instead.
@@ -79,6 +83,7 @@ class HealthMonitor(pl.Callback):
         val_loss_key: str | None = None,
         name: str | None = None,
         print_summary: bool = True,
+        alerts: Iterable[Target] | None = None,
     ) -> None:
         super().__init__()
         self.monitor = Monitor(
@@ -100,6 +105,8 @@ class HealthMonitor(pl.Callback):
                 f'val_loss_key must be a str or None, got {val_loss_key!r}. Write e.g. val_loss_key="val_loss".'
             )
         self.val_loss_key = val_loss_key
+        self._alert_targets = check_targets(alert_url, alerts)
+        self._progress = ProgressStatus(lambda: self.monitor.findings)
         self.name = name
         self._events_path = events_path
         self._fitting = False
@@ -137,6 +144,9 @@ class HealthMonitor(pl.Callback):
                 TensorBoard(trainer.loggers),
                 Console(self.monitor.print_summary),
             ]
+            if self._alert_targets:
+                sinks.append(Alerts(self._alert_targets, run=self.name))
+        self._progress.attach(trainer)
         self.monitor.bind(pl_module, sinks, meta={"run": trainer.log_dir})
         self._fitting = True
 
@@ -152,6 +162,7 @@ class HealthMonitor(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._fitting:
             self._finish("finished")
+        self._progress.detach()
         self.monitor.close()
 
     def _finish(self, status: str) -> None:

@@ -145,8 +145,11 @@ class Monitor:
         self._weights = WeightProbe(self._layout)
         self._acts = ActivationProbe(model) if self.probe_activations else None
         self.sinks = list(sinks)
+        # What sinks may lay out by name (TensorBoard's per-block charts); per-layer tags need per_layer.
+        names = {"layers": list(self._layout.layers), "per_layer": self.per_layer}
+        names["modules"] = [n for n, _, _ in self._acts.modules] if self._acts is not None else []
         for sink in self.sinks:
-            sink.start(meta or {})
+            sink.start({**names, **(meta or {})})
 
     def unbind(self) -> None:
         """Remove every hook and drop per-run device state. Safe to call more than once."""

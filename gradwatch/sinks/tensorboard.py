@@ -7,6 +7,7 @@ the trainer has a TensorBoardLogger.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from gradwatch.findings import Action, Finding
@@ -18,9 +19,55 @@ def is_tensorboard_logger(logger: Any) -> bool:
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
-def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
-    """Charts that put related curves together (TensorBoard's Custom Scalars tab)."""
+def block_of(name: str) -> str:
+    """The top-level child a layer or module belongs to: ``"net.0" -> "net"``, ``"head" -> "head"``."""
+    return name.split(".", 1)[0] or "model"
+
+
+def _under(kind: str, block: str) -> str:
+    """A regex for the per-layer tags of ``kind`` in ``block`` (the block itself or its sub-modules)."""
+    b = "" if block == "model" else re.escape(block)
+    return rf"^gradwatch/{kind}/{b}(\..+)?$" if b else rf"^gradwatch/{kind}/[^/]+$"
+
+
+def block_layout(layers: list[str], modules: list[str]) -> dict[str, dict[str, list[Any]]]:
+    """One Custom Scalars category per block (top-level child module): the loss next to that block's
+    gradient norms, update/weight ratios and activation statistics (``per_layer=True`` tags).
+
+    Example:
+        >>> sorted(block_layout(["net.0", "net.2", "head"], ["net.0", "net.1", "head"]))
+        ['gradwatch block: head', 'gradwatch block: net']
+    """
     m = "Multiline"
+    out: dict[str, dict[str, list[Any]]] = {}
+    for block in dict.fromkeys(block_of(n) for n in [*layers, *modules]):
+        charts: dict[str, list[Any]] = {"loss (train, val)": [m, [r"^gradwatch/loss/"]]}
+        if any(block_of(n) == block for n in layers):
+            charts["gradient norm"] = [m, [_under("grad_norm", block)]]
+            charts["update / weight ratio"] = [m, [_under("update_ratio", block)]]
+            charts["weight norm"] = [m, [_under("weight_norm", block)]]
+        if any(block_of(n) == block for n in modules):
+            acts = _under("activations", block)[:-1]  # the module, then /<field>
+            for title, fields in (
+                ("activations: zero / dead fraction", "(zero_frac|dead_unit_frac)"),
+                ("activations: saturated fraction", "saturated_frac"),
+                ("activations: std", "std"),
+            ):
+                charts[title] = [m, [acts + "/" + fields + "$"]]
+        out[f"gradwatch block: {block}"] = charts
+    return out
+
+
+def custom_scalars_layout(
+    layers: list[str] | None = None, modules: list[str] | None = None
+) -> dict[str, dict[str, list[Any]]]:
+    """Charts that put related curves together (TensorBoard's Custom Scalars tab).
+
+    With ``layers`` / ``modules`` (the names of a ``per_layer=True`` run), one more category per block:
+    see :func:`block_layout`.
+    """
+    m = "Multiline"
+    blocks = block_layout(layers or [], modules or []) if layers or modules else {}
     return {
         "gradwatch": {
             "loss (train, val)": [m, [r"gradwatch/loss/.*"]],
@@ -37,6 +84,7 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
             "std": [m, [r"gradwatch/activations/.*/std"]],
             "max |x|": [m, [r"gradwatch/activations/.*max_abs"]],
         },
+        **blocks,
     }
 
 
@@ -59,8 +107,11 @@ class TensorBoard(Sink):
         self._tb = [lg for lg in self.loggers if is_tensorboard_logger(lg)]
 
     def start(self, meta: dict[str, Any]) -> None:
+        per_layer = meta.get("per_layer", False)
+        layers = meta.get("layers", []) if per_layer else []
+        modules = meta.get("modules", []) if per_layer else []
         for lg in self._tb:
-            lg.experiment.add_custom_scalars(custom_scalars_layout())
+            lg.experiment.add_custom_scalars(custom_scalars_layout(layers, modules))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if values:

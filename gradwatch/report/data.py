@@ -1,0 +1,172 @@
+"""Read a finished (or killed) run back: its events file and the gradwatch curves in its TensorBoard files.
+
+Everything the report shows comes from what the run wrote; nothing is recomputed from the model.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradwatch.findings import Action, Finding
+from gradwatch.sinks.events import read_events
+from gradwatch.sinks.summary import build_summary
+
+#: Per-layer / per-module tag families (present only when the run used ``per_layer=True``).
+LAYER_KINDS = ("grad_norm", "weight_norm", "update_ratio")
+ACTIVATION_FIELDS = ("mean", "std", "max_abs", "zero_frac", "dead_unit_frac", "saturated_frac")
+
+
+class ReportError(Exception):
+    """The folder holds no readable run, or several: the message says what to pass instead."""
+
+
+Series = tuple[np.ndarray, np.ndarray]  # (steps, values)
+
+
+@dataclass
+class Run:
+    """What one run wrote. ``scalars`` maps each ``gradwatch/...`` TensorBoard tag to ``(steps, values)``."""
+
+    run_dir: str
+    events_path: str | None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    tb_dirs: list[str] = field(default_factory=list)
+    scalars: dict[str, Series] = field(default_factory=dict)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [Finding.from_dict(e) for e in self.events if e["kind"] == "finding"]
+
+    @property
+    def actions(self) -> list[Action]:
+        return [Action.from_dict(e) for e in self.events if e["kind"] == "action"]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's own summary line; for a run that was killed (no summary), one built from its events."""
+        written = [e for e in self.events if e["kind"] == "summary"]
+        if written:
+            return written[-1]
+        steps = self.scalars.get("gradwatch/loss/train") or self.scalars.get("gradwatch/grad_norm/total")
+        last = int(steps[0][-1]) + 1 if steps is not None and len(steps[0]) else 0
+        epochs = max((f.epoch for f in self.findings), default=0) + 1
+        return build_summary(
+            self.findings,
+            self.actions,
+            status="unknown (no summary line: the run was killed or is still running)",
+            steps=last,
+            epochs=epochs,
+            remedies=[],
+            ranges={},
+            events_path=self.events_path,
+        )
+
+    def per_layer(self, kind: str) -> dict[str, Series]:
+        """``{layer: (steps, values)}`` for ``kind`` in :data:`LAYER_KINDS` (empty without ``per_layer=True``)."""
+        prefix = f"gradwatch/{kind}/"
+        return {
+            t[len(prefix) :]: s
+            for t, s in self.scalars.items()
+            if t.startswith(prefix) and t != prefix + "total"
+        }
+
+    def activations(self, field_name: str) -> dict[str, Series]:
+        """``{module: (steps, values)}`` of one activation field (empty without ``per_layer=True``)."""
+        out = {}
+        for tag, series in self.scalars.items():
+            head, _, last = tag.rpartition("/")
+            if head.startswith("gradwatch/activations/") and last == field_name:
+                out[head[len("gradwatch/activations/") :]] = series
+        return out
+
+    @property
+    def has_per_layer(self) -> bool:
+        return bool(self.per_layer("grad_norm"))
+
+
+def find_events(run_dir: str) -> str | None:
+    """``RUN_DIR/gradwatch/events.jsonl``, else the one ``events.jsonl`` found below ``run_dir``."""
+    if os.path.isfile(run_dir):
+        return run_dir
+    default = os.path.join(run_dir, "gradwatch", "events.jsonl")
+    if os.path.isfile(default):
+        return default
+    found = sorted(glob.glob(os.path.join(run_dir, "**", "events.jsonl"), recursive=True))
+    if len(found) > 1:
+        runs = "\n  ".join(os.path.dirname(os.path.dirname(p)) if "gradwatch" in p else p for p in found)
+        raise ReportError(f"{run_dir} holds {len(found)} runs; report one of them:\n  {runs}")
+    return found[0] if found else None
+
+
+def _tb_dirs(root: str) -> list[str]:
+    files = glob.glob(os.path.join(root, "**", "events.out.tfevents.*"), recursive=True)
+    return sorted({os.path.dirname(f) for f in files})
+
+
+def read_scalars(tb_dirs: list[str]) -> dict[str, Series]:
+    """Every ``gradwatch/`` scalar of the TensorBoard event files in ``tb_dirs``, sorted by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    merged: dict[str, dict[int, float]] = {}
+    for d in tb_dirs:
+        acc = EventAccumulator(d, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith("gradwatch/"):
+                points = merged.setdefault(tag, {})
+                for e in acc.Scalars(tag):
+                    points[e.step] = e.value
+    out = {}
+    for tag, points in merged.items():
+        steps = np.array(sorted(points), dtype=np.int64)
+        out[tag] = (steps, np.array([points[s] for s in steps], dtype=np.float64))
+    return out
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> Run:
+    """Read a run folder (a logger's version folder, or any folder holding one run's files).
+
+    Raises:
+        ReportError: when the folder does not exist, holds neither an events file nor TensorBoard
+            files, or holds several runs.
+    """
+    run_dir = os.fspath(run_dir)
+    if not os.path.exists(run_dir):
+        raise ReportError(f"{run_dir} does not exist; pass a run folder such as lightning_logs/version_0")
+    events_path = find_events(run_dir)
+    root = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
+    if events_path and os.path.basename(os.path.dirname(events_path)) == "gradwatch":
+        tb_root = os.path.dirname(os.path.dirname(events_path))  # the logger's version folder
+        tb_dirs = _tb_dirs(tb_root) or _tb_dirs(root)
+    else:
+        tb_dirs = _tb_dirs(root)
+    if events_path is None and len(tb_dirs) > 1:
+        raise ReportError(
+            f"{run_dir} holds {len(tb_dirs)} runs; report one of them:\n  " + "\n  ".join(tb_dirs)
+        )
+    if events_path is None and not tb_dirs:
+        raise ReportError(
+            f"{run_dir} holds no gradwatch events file (gradwatch/events.jsonl) and no TensorBoard event "
+            "files; pass the folder a HealthMonitor run wrote to (trainer.log_dir)"
+        )
+    events = read_events(events_path) if events_path else []
+    return Run(run_dir, events_path, events, tb_dirs, read_scalars(tb_dirs))
+
+
+def finite(series: Series) -> Series:
+    steps, values = series
+    keep = np.isfinite(values)
+    return steps[keep], values[keep]
+
+
+def value_range(series: Series) -> tuple[float, float, int]:
+    """``(min, max, non-finite count)`` of a series; ``nan`` bounds when nothing is finite."""
+    _, v = finite(series)
+    bad = int(len(series[1]) - len(v))
+    return (float(v.min()), float(v.max()), bad) if len(v) else (math.nan, math.nan, bad)

@@ -1,0 +1,165 @@
+"""``gradwatch report`` on real run folders: the text report, the HTML report, and the HTML in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import tomllib
+from chromium import Browser, find_chromium
+from models import DigitsMLP, digits_loaders, trainer
+
+import gradwatch
+from gradwatch.cli import main
+from gradwatch.findings import Action
+from gradwatch.report import ReportError, load_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ActAt(pl.Callback):
+    """One remedy action at ``step``, recorded through the monitor's public ``record_action``."""
+
+    def __init__(self, mon, step):
+        self.mon, self.step = mon, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:
+            self.mon.monitor.record_action(Action("skip_step", self.step, "nonfinite", message="skipped"))
+
+
+def _run(root, per_layer: bool) -> str:
+    mon = gradwatch.HealthMonitor(every_n_steps=2, per_layer=per_layer, remedies="off", print_summary=False)
+    t = trainer(root, [mon, ActAt(mon, 6)], max_steps=12, log_every_n_steps=2)
+    t.fit(DigitsMLP(nan_at_step=6), *digits_loaders())
+    return t.log_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("per_layer"), per_layer=True)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gradwatch", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_text_report_of_a_real_run(run_dir):
+    out = _cli("report", run_dir)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "verdict: CRITICAL (run finished, 12 optimizer steps, 1 epoch(s))" in text
+    assert re.search(r"nonfinite\s+critical\s+6\s+2\s+net\.0", text)  # first step and count
+    assert re.search(r"skip_step\s+6\s+1\s+nonfinite", text)  # the action
+    assert re.search(r"loss \(train\)\s+min [\d.]+, max [\d.]+, last nan, non-finite at 6 step\(s\)", text)
+    for layer in ("net.0", "net.2", "head"):  # grad-norm range and update ratio per layer
+        assert re.search(rf"\n  {re.escape(layer)}\s+[\d.e+-]+\.\.[\d.e+-]+\s+\d+\s+\S+", text), layer
+    assert re.search(r"activations per module.*\n.*dead units.*\n  net\.0 ", text)
+    assert "not recorded" not in text
+
+
+def test_report_says_when_per_layer_statistics_are_absent(tmp_path):
+    run = _run(tmp_path, per_layer=False)
+    assert main(["report", run, "--html", str(tmp_path / "r.html")]) == 0
+    text = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "report", run], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "per-layer statistics: not recorded (the run used per_layer=False" in text
+    assert "gradient norm (total)" in text
+    page = (tmp_path / "r.html").read_text()
+    assert "not recorded" in page and page.count("<img") == 3  # loss, totals, total update ratio
+
+
+def test_html_report_is_one_self_contained_page(run_dir, tmp_path):
+    path = tmp_path / "report.html"
+    assert main(["report", run_dir, "--html", str(path)]) == 0
+    page = path.read_text()
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    assert [alt for alt, _ in images] == [
+        "loss with findings and actions",
+        "gradient norm heatmap",
+        "activation statistics",
+        "update ratios",
+    ]
+    assert all(base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n" for _, b64 in images)
+    assert not re.search(r"(src|href)=\"(?!data:)", page)  # nothing loaded from elsewhere
+    assert "nonfinite" in page and "skip_step" in page
+
+
+def test_report_errors_say_what_to_pass(tmp_path, run_dir, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    for name in ("a", "b"):
+        shutil.copytree(run_dir, tmp_path / "two" / name)
+    with pytest.raises(ReportError, match=r"holds 2 runs; report one of them:\n  .*a\n  .*b"):
+        load_run(tmp_path / "two")
+
+
+def test_killed_run_without_summary_line(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")
+    events = tmp_path / "run" / "gradwatch" / "events.jsonl"
+    events.write_text("".join(events.read_text().splitlines(keepends=True)[:-1]))  # as if killed
+    summary = load_run(tmp_path / "run").summary
+    assert summary["verdict"] == "critical" and summary["status"].startswith("unknown (no summary line")
+    assert summary["steps"] == 12
+
+
+def test_console_script_and_light_imports():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["scripts"]["gradwatch"] == "gradwatch.cli:main"
+    assert "matplotlib" in " ".join(project["optional-dependencies"]["report"])
+    code = "import sys, gradwatch, gradwatch.cli, gradwatch.report; assert 'matplotlib' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_report_demo_example_runs_and_reports(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "report_demo.py"),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = _cli("report", str(tmp_path / "version_0"))
+    assert report.returncode == 0 and "verdict: HEALTHY" in report.stdout
+
+
+CHROMIUM = find_chromium()
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (.ci/run installs Debian's chromium; or: apt-get install chromium)",
+)
+def test_html_report_renders_in_headless_chromium(run_dir, tmp_path):
+    path = tmp_path / "report.html"
+    assert main(["report", run_dir, "--html", str(path)]) == 0
+    browser = Browser(CHROMIUM)
+    try:
+        session = browser.open(path.as_uri())
+        images = browser.evaluate(
+            session, "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
+        )
+        title = browser.evaluate(session, "document.title")
+        errors = browser.errors()
+    finally:
+        browser.close()
+    assert len(images) == 4 and all(complete and width > 0 for _, complete, width in images), images
+    assert title.startswith("gradwatch report")
+    assert errors == []
