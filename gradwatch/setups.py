@@ -53,7 +53,7 @@ def needs_automatic_loop_message(remedy: str, setup: dict[str, Any]) -> str | No
 
     Example:
         >>> needs_automatic_loop_message("skip_step", {"manual_optimization": True})[:60]
-        'skip_step cannot act under manual optimization (automatic_o'
+        'skip_step cannot act under manual optimization (automatic_op'
         >>> needs_automatic_loop_message("skip_step", {"manual_optimization": False}) is None
         True
     """
