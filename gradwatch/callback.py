@@ -187,7 +187,12 @@ class HealthMonitor(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.monitor.batch_end(_loss_of(outputs), loss_scale=scale_tensor(scaler_of(trainer)))
+        loss = _loss_of(outputs)
+        if loss is not None and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            loss = (
+                loss * trainer.accumulate_grad_batches
+            )  # Lightning hands back loss / accumulate_grad_batches
+        self.monitor.batch_end(loss, loss_scale=scale_tensor(scaler_of(trainer)))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._fitting:
