@@ -159,7 +159,7 @@ class Monitor:
     def unbind(self) -> None:
         """Remove every hook and drop per-run device state. Safe to call more than once."""
         if self._acts is not None:
-            self._acts.detach()
+            self._acts.remove()
         if self._weights is not None:
             self._weights.discard()
         self._snap = Transfer()
