@@ -142,3 +142,15 @@ def test_private_amp_access_is_pinned():
     from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
     assert _optimizer_handles_unscaling(torch.optim.Adam([p], fused=True))  # Lightning agrees
+
+
+def test_fp16_hot_path_stays_sync_free(tmp_path, loaders):
+    """Scale copies, the skip flag and the fused-optimizer correction are device ops: no scalar read."""
+    from test_syncs import CountedMonitor
+
+    mon = CountedMonitor(every_n_steps=5, remedies="off")
+    trainer(tmp_path, [mon], max_steps=10, logger=False, plugins=_fp16()).fit(
+        AmpMLP(fused=True, overflow_steps=(3,)), loaders[0]
+    )
+    assert len(mon.syncs) >= 10 and set(mon.syncs.values()) == {0}, mon.syncs
+    assert [f.severity.value for f in mon.findings] == ["info"]
