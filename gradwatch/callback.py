@@ -189,9 +189,8 @@ class HealthMonitor(pl.Callback):
     ) -> None:
         loss = _loss_of(outputs)
         if loss is not None and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-            loss = (
-                loss * trainer.accumulate_grad_batches
-            )  # Lightning hands back loss / accumulate_grad_batches
+            # Lightning hands back loss / accumulate_grad_batches: record the micro-batch's own loss
+            loss = loss * trainer.accumulate_grad_batches
         self.monitor.batch_end(loss, loss_scale=scale_tensor(scaler_of(trainer)))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
