@@ -10,10 +10,12 @@ import pytorch_lightning as pl
 import torch
 
 from gradwatch.detectors import Detector
-from gradwatch.monitor import Monitor
+from gradwatch.monitor import Monitor, log
+from gradwatch.probes.amp import amp_view, scale_tensor, scaler_of
 from gradwatch.progress import ProgressStatus
 from gradwatch.remedies import Remedy
 from gradwatch.schedules import Schedule
+from gradwatch.setups import describe_setup, format_setup
 from gradwatch.sinks import Console, EventsFile, Sink, TensorBoard
 from gradwatch.sinks.alerts import Alerts, Target, check_targets
 
@@ -148,6 +150,9 @@ class HealthMonitor(pl.Callback):
                 sinks.append(Alerts(self._alert_targets, run=self.name))
         self._progress.attach(trainer)
         self.monitor.bind(pl_module, sinks, meta={"run": trainer.log_dir})
+        self.monitor.setup = describe_setup(trainer, pl_module)
+        if trainer.is_global_zero:
+            log.info(format_setup(self.monitor.setup))
         self._fitting = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -180,14 +185,24 @@ class HealthMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        loss_scale, grads_scaled = amp_view(trainer, optimizer)
         self.monitor.before_optimizer_step(
-            trainer.global_step, trainer.current_epoch, params, _lr_of(optimizer)
+            trainer.global_step,
+            trainer.current_epoch,
+            params,
+            _lr_of(optimizer),
+            loss_scale=loss_scale,
+            grads_scaled=grads_scaled,
         )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.monitor.batch_end(_loss_of(outputs))
+        loss = _loss_of(outputs)
+        if loss is not None and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            # Lightning hands back loss / accumulate_grad_batches: record the micro-batch's own loss
+            loss = loss * trainer.accumulate_grad_batches
+        self.monitor.batch_end(loss, loss_scale=scale_tensor(scaler_of(trainer)))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._fitting:

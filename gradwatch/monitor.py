@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gradwatch.detectors import Detector, default_detectors
+from gradwatch.distributed import MEAN, SUM
 from gradwatch.errors import ConfigError
 from gradwatch.findings import Action, Finding
 from gradwatch.probes import ActivationProbe, GradientProbe, ParamLayout, WeightProbe, input_stats
@@ -43,6 +44,10 @@ log = logging.getLogger("gradwatch")
 #: Rows kept on device before a flush is forced, whatever the schedule says.
 MAX_PENDING_ROWS = 1024
 
+#: The per-step row, as sufficient statistics that add up across ranks (see gradwatch.distributed):
+#: first_x_bad is the first non-finite index where bad is 1, else 0; skipped is the GradScaler's skip flag.
+ROW_FIELDS = ("loss", "grad_sq", "nonfinite", "first_x_bad", "bad", "loss_scale", "skipped")
+
 
 @dataclass
 class _PendingRow:
@@ -51,7 +56,7 @@ class _PendingRow:
     step: int
     epoch: int
     lr: float | None
-    values: torch.Tensor  # [loss, grad_norm, nonfinite_count, first_nonfinite_index]
+    values: torch.Tensor  # ROW_FIELDS, on device
     has_loss: bool
 
 
@@ -135,6 +140,9 @@ class Monitor:
         self._snap = Transfer()
         self._snap_meta: dict[str, Any] = {}
         self._val_loss: float | None = None
+        #: The training setup (precision, scaler, accumulation, strategy, ...): set by the adapter at fit
+        #: start (gradwatch.setups.describe_setup), written in the summary under "setup".
+        self.setup: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ binding
     def bind(self, model: nn.Module, sinks: list[Sink], meta: dict[str, Any] | None = None) -> None:
@@ -154,7 +162,7 @@ class Monitor:
     def unbind(self) -> None:
         """Remove every hook and drop per-run device state. Safe to call more than once."""
         if self._acts is not None:
-            self._acts.detach()
+            self._acts.remove()
         if self._weights is not None:
             self._weights.discard()
         self._snap = Transfer()
@@ -186,21 +194,39 @@ class Monitor:
                 self._snap.add("inputs", stats)
 
     def before_optimizer_step(
-        self, step: int, epoch: int, params: list[torch.Tensor], lr: float | None
+        self,
+        step: int,
+        epoch: int,
+        params: list[torch.Tensor],
+        lr: float | None,
+        *,
+        loss_scale: torch.Tensor | None = None,
+        grads_scaled: bool = False,
     ) -> None:
-        """Gradients are final (accumulated, unscaled, not yet clipped): measure them on device."""
+        """Gradients are final (accumulated, unscaled, not yet clipped): measure them on device.
+
+        ``loss_scale`` is the AMP GradScaler's scale tensor, if any; ``grads_scaled`` says the gradients are
+        still multiplied by it (an optimizer that unscales inside ``step``), so norms are divided by it.
+        """
         if self._grads is None:
             return
-        scheduled = self.schedule(step)
-        measured = self._grads.measure(params, per_layer=scheduled)
         first_call = self._row is None
+        # a second optimizer in the same batch (manual optimization) belongs to the first one's step
+        scheduled = self.schedule(step if first_call else self._row["step"])
+        measured = self._grads.measure(params, per_layer=scheduled)
         if first_call:
             self._row = {"step": step, "epoch": epoch, "lr": lr}
+            if loss_scale is not None:
+                self._row["scale_before"] = loss_scale.detach().clone()  # update() changes it in place
             if scheduled and self.probe_update_ratio and self._weights is not None:
                 self._weights.snapshot()
         if measured is None:
             return
         sq, count, first, layers = measured
+        if grads_scaled and loss_scale is not None:  # still scaled: ||g / s||^2 = ||g||^2 * (1/s)^2
+            inv_sq = loss_scale.detach().float().reciprocal().square()
+            sq = sq * inv_sq
+            layers = layers * inv_sq if layers is not None else None
         row = self._row
         if "sq" in row:  # a second optimizer in the same step: sums of squares add up
             row["sq"] = row["sq"] + sq
@@ -212,8 +238,14 @@ class Monitor:
             prev = self._snap_meta.get("grad_layers")
             self._snap_meta["grad_layers"] = layers if prev is None else prev + layers
 
-    def batch_end(self, loss: torch.Tensor | None) -> list[Finding]:
-        """After the batch: add its loss; if an optimizer step ran, record it, and read on a scheduled step."""
+    def batch_end(
+        self, loss: torch.Tensor | None, *, loss_scale: torch.Tensor | None = None
+    ) -> list[Finding]:
+        """After the batch: add its loss; if an optimizer step ran, record it, and read on a scheduled step.
+
+        ``loss_scale`` is the GradScaler's scale tensor after the step: lower than before means the scaler
+        found an Inf/NaN gradient and skipped the step (compared on device, no read).
+        """
         if self._acts is not None and self._acts.attached:
             self._acts.detach()
             names, kinds, acts = self._acts.collect()
@@ -235,12 +267,22 @@ class Monitor:
         has_loss = self._loss_sum is not None
         loss_mean = (self._loss_sum / self._loss_n).to(device) if has_loss else torch.zeros((), device=device)
         zero = torch.zeros((), device=device)
+        bad = (row["count"] > 0).float() if "count" in row else zero
+        before = row.get("scale_before")
+        if before is not None and loss_scale is not None:
+            scale = loss_scale.detach().float().reshape(()).to(device)
+            skipped = (scale < before.to(device)).float()
+        else:
+            scale, skipped = zero + math.nan, zero
         values = torch.stack(
             [
                 loss_mean,
-                row["sq"].sqrt() if "sq" in row else zero,
+                row["sq"].float() if "sq" in row else zero,
                 row["count"].float() if "count" in row else zero,
-                row["first"].float() if "first" in row else zero - 1,
+                row["first"].float() * bad if "first" in row else zero,
+                bad,
+                scale,
+                skipped,
             ]
         )
         self._rows.append(_PendingRow(row["step"], row["epoch"], row["lr"], values, has_loss))
@@ -256,26 +298,33 @@ class Monitor:
             self._emit_scalars(step, {"gradwatch/loss/val": val_loss})
 
     # ------------------------------------------------------------------ read, judge, act, write
-    def flush(self) -> list[Finding]:
-        """Read everything pending in one transfer, run the detectors and remedies, write to the sinks."""
+    def flush(self, *, across_ranks: bool = True) -> list[Finding]:
+        """Read everything pending in one transfer, run the detectors and remedies, write to the sinks.
+
+        Under ``torch.distributed`` the transfer is all-reduced once (``across_ranks``; a failing rank
+        reads alone so that it cannot wait forever on the others).
+        """
         if not self._rows:
             return []
         transfer = self._snap
         self._snap = Transfer()
         meta, self._snap_meta = self._snap_meta, {}
         rows, self._rows = self._rows, []
-        transfer.add("rows", torch.stack([r.values.to(rows[0].values.device) for r in rows]))
+        # replicated parameters (DDP) hold the same averaged gradient on every rank: mean; shards add up
+        shard = SUM if self._layout is not None and self._layout.sharded else MEAN
+        modes = (MEAN, shard, shard, SUM, SUM, MEAN, SUM)  # per ROW_FIELDS
+        transfer.add("rows", torch.stack([r.values.to(rows[0].values.device) for r in rows]), modes)
         if "grad_layers" in meta:
-            transfer.add("grad_layers", meta["grad_layers"])
+            transfer.add("grad_layers", meta["grad_layers"], shard)
         last = rows[-1]
         scheduled = self.schedule(last.step) and self._layout is not None
         if scheduled:
             w_sq, w_bad, update = self._weights.measure()  # after the step: weights as updated
-            transfer.add("weight_sq", w_sq)
-            transfer.add("weight_bad", w_bad)
+            transfer.add("weight_sq", w_sq, shard)
+            transfer.add("weight_bad", w_bad, SUM)
             if update is not None:
-                transfer.add("update", update)
-        host = transfer.read()
+                transfer.add("update", update, shard)
+        host = transfer.read(across_ranks=across_ranks)
         stats = self._build_stats(rows, host, meta)
         self.last_stats = stats
         self.steps_seen += len(rows)
@@ -295,17 +344,19 @@ class Monitor:
         names = layout.names if layout else []
         layers = layout.layers if layout else []
         records = []
-        for r, (loss, gnorm, count, first) in zip(rows, host["rows"], strict=True):
-            first_i = int(first)
+        for r, (loss, gsq, count, first_x_bad, bad, scale, skipped) in zip(rows, host["rows"], strict=True):
+            first_i = round(first_x_bad / bad) if bad > 0 else -1  # ranks agree under DDP: exact
             records.append(
                 StepRecord(
                     step=r.step,
                     epoch=r.epoch,
                     loss=float(loss) if r.has_loss else None,
-                    grad_norm=float(gnorm),
-                    grad_nonfinite=int(count),
+                    grad_norm=math.sqrt(gsq) if gsq >= 0 else math.nan,
+                    grad_nonfinite=math.ceil(count - 1e-3) if math.isfinite(count) else 0,
                     first_nonfinite=names[first_i] if 0 <= first_i < len(names) else None,
                     lr=r.lr,
+                    loss_scale=float(scale) if math.isfinite(scale) else None,
+                    scaler_skipped=bool(skipped > 0),
                 )
             )
         last = rows[-1]
@@ -346,6 +397,9 @@ class Monitor:
                 self._track("loss", rec.loss)
             if rec.lr is not None:
                 values["gradwatch/lr"] = rec.lr
+            if rec.loss_scale is not None:
+                values["gradwatch/amp/loss_scale"] = rec.loss_scale
+                values["gradwatch/amp/scaler_skipped"] = float(rec.scaler_skipped)
             self._track("grad_norm", rec.grad_norm)
             self._emit_scalars(rec.step, values)
         values: dict[str, float] = {}
@@ -393,7 +447,7 @@ class Monitor:
     def finish(self, status: str = "finished") -> dict[str, Any]:
         """Flush what is pending, write the summary, remove hooks. Returns the summary dict."""
         try:
-            self.flush()
+            self.flush(across_ranks=status == "finished")
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
             self._rows = []
             log.warning(
@@ -410,6 +464,7 @@ class Monitor:
             ranges=self.ranges,
             events_path=self.events_path,
         )
+        summary["setup"] = dict(self.setup)
         for sink in self.sinks:
             sink.summary(summary)
         return summary

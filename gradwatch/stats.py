@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gradwatch import distributed
+
 
 @dataclass
 class StepRecord:
@@ -25,6 +27,9 @@ class StepRecord:
         grad_nonfinite: number of parameters whose gradient holds a NaN or Inf.
         first_nonfinite: the first parameter (in ``named_parameters`` order) with a non-finite gradient.
         lr: learning rate of the first parameter group of the first optimizer.
+        loss_scale: the AMP loss scale after the step (fp16 with a GradScaler), else ``None``.
+        scaler_skipped: the GradScaler found an Inf/NaN gradient, skipped the optimizer step and lowered
+            the scale (its normal calibration; gradients of such a step are non-finite by design).
     """
 
     step: int
@@ -34,6 +39,8 @@ class StepRecord:
     grad_nonfinite: int
     first_nonfinite: str | None
     lr: float | None
+    loss_scale: float | None = None
+    scaler_skipped: bool = False
 
 
 @dataclass
@@ -113,20 +120,36 @@ class Transfer:
     def __init__(self) -> None:
         self._names: list[str] = []
         self._tensors: list[torch.Tensor] = []
+        self._modes: list[tuple[str, ...]] = []
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, reduce: str | tuple[str, ...] = "mean") -> None:
+        """Queue ``tensor`` for the next read.
+
+        ``reduce`` says how ranks combine it under ``torch.distributed`` (see :mod:`gradwatch.distributed`):
+        ``"mean"`` or ``"sum"`` for the whole tensor, or a tuple with one mode per element of its last
+        dimension (e.g. per column of the per-step rows).
+        """
         self._names.append(name)
         self._tensors.append(tensor.detach())
+        self._modes.append((reduce,) if isinstance(reduce, str) else tuple(reduce))
 
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def read(self) -> dict[str, np.ndarray]:
-        """Concatenate, copy to host once, and split back into arrays of the original shapes."""
+    def read(self, across_ranks: bool = True) -> dict[str, np.ndarray]:
+        """Concatenate, copy to host once, and split back into arrays of the original shapes.
+
+        Under ``torch.distributed`` (``across_ranks``) the vector is first all-reduced once, each element
+        averaged or added up as its ``reduce`` mode says.
+        """
         if not self._tensors:
             return {}
         device = self._tensors[0].device
         flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in self._tensors])
+        world = distributed.world_size()
+        if world > 1 and across_ranks:  # one stacked all-reduce: every rank then judges the same numbers
+            specs = [(t.numel(), m) for t, m in zip(self._tensors, self._modes, strict=True)]
+            flat = distributed.all_reduce_stacked(flat, distributed.reduce_factors(specs, world))
         host = flat.cpu().numpy()  # sync: the one host read per scheduled step
         out: dict[str, np.ndarray] = {}
         offset = 0
@@ -136,4 +159,5 @@ class Transfer:
             offset += n
         self._names.clear()
         self._tensors.clear()
+        self._modes.clear()
         return out

@@ -167,3 +167,54 @@ def test_gradient_accumulation_reads_the_accumulated_gradient(tmp_path, loaders)
     )
     assert mon.monitor.steps_seen == 4
     assert mon.monitor.last_stats.steps[0].grad_norm == pytest.approx(ref[3], rel=1e-5)
+
+
+class RawLosses(DigitsMLP):
+    """Keeps each micro-batch's loss as training_step computed it (before Lightning divides it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.raw: list[tuple[int, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.raw.append((self.global_step, loss.item()))
+        return loss
+
+
+def test_gradient_accumulation_last_short_window(tmp_path, loaders):
+    """23 batches with accumulate_grad_batches=4: windows of 4,4,4,4,4 and a last one of 3 batches.
+
+    Each window is one optimizer step: one record, the gradient as accumulated (the optimizer's), and the
+    loss as the mean of the window's micro-batch losses (Lightning hands back loss / 4; gradwatch undoes it).
+    """
+    mon = gradwatch.HealthMonitor(every_n_steps=1, remedies="off")
+    grads: dict[int, float] = {}
+    records = []
+
+    class Grad(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            sq = sum(
+                torch.linalg.vector_norm(p.grad).item() ** 2
+                for p in pl_module.parameters()
+                if p.grad is not None
+            )
+            grads[trainer.global_step] = math.sqrt(sq)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            s = mon.monitor.last_stats
+            if s is not None and (not records or records[-1].step != s.steps[-1].step):
+                records.extend(s.steps)
+
+    model = RawLosses()
+    assert len(loaders[0]) == 23
+    trainer(tmp_path, [mon, Grad()], max_epochs=1, accumulate_grad_batches=4, logger=False).fit(
+        model, loaders[0]
+    )
+    assert [r.step for r in records] == [0, 1, 2, 3, 4, 5] and mon.monitor.steps_seen == 6
+    assert mon.monitor.setup["accumulate_grad_batches"] == 4
+    for rec in records:
+        window = [loss for step, loss in model.raw if step == rec.step]
+        assert len(window) == (3 if rec.step == 5 else 4)
+        assert rec.loss == pytest.approx(sum(window) / len(window), rel=1e-5)
+        assert rec.grad_norm == pytest.approx(grads[rec.step], rel=1e-5)

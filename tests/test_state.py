@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
+
 import pytorch_lightning as pl
 import torch
 from models import DigitsMLP, trainer
 
 import gradwatch
+from gradwatch.sinks.events import read_events
 
 
 def test_resume_restores_findings_counters_and_detector_state(tmp_path, loaders):
@@ -41,3 +44,74 @@ def test_two_monitors_in_one_trainer_do_not_collide(tmp_path, loaders):
     states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
     assert {a.state_key, b.state_key} <= set(states)
     assert len(a.findings) == len(b.findings) >= 1
+
+
+class BreakGrads(pl.Callback):
+    """Listed before the monitor: an Inf in net.0's gradient at ``steps`` (what gradwatch must see)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step in self.steps:
+            pl_module.net[0].weight.grad[0, 0] = float("inf")
+
+
+class HealGrads(pl.Callback):
+    """Listed after the monitor: zero the Inf again so the weights stay finite and the run goes on."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+
+BAD_STEPS = (4, 5, 6, 9)  # one episode 4-6 across the checkpoint at step 6, a second one at 9
+
+
+def test_resume_mid_episode_continues_detectors_counters_and_events(tmp_path, loaders):
+    """A run checkpointed at step 6 in the middle of a non-finite episode (steps 4-6), resumed to step 10,
+    judges exactly as an uninterrupted run: no second finding for step 6, a new one at 9; its events file
+    continues the first run's."""
+    # the uninterrupted reference
+    ref = gradwatch.HealthMonitor(every_n_steps=4, remedies="off", events_path=tmp_path / "ref.jsonl")
+    trainer(tmp_path, [BreakGrads(BAD_STEPS), ref, HealGrads()], max_steps=10, logger=False).fit(
+        DigitsMLP(), loaders[0]
+    )
+    assert [(f.rule, f.step, f.layer) for f in ref.findings] == [
+        ("nonfinite", 4, "net.0"),
+        ("nonfinite", 9, "net.0"),
+    ]
+
+    events = tmp_path / "events.jsonl"
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3, save_top_k=-1)
+    first = gradwatch.HealthMonitor(every_n_steps=4, remedies="off", events_path=events)
+    trainer(
+        tmp_path,
+        [BreakGrads(BAD_STEPS), first, HealGrads(), ckpt],
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=True,
+    ).fit(DigitsMLP(), loaders[0])
+    (path,) = glob.glob(str(tmp_path / "ckpt" / "*step=6*.ckpt"))
+    saved = torch.load(path, weights_only=False)["callbacks"][first.state_key]
+    assert saved["detectors"]["NonFinite"]["grads_active"] is True  # mid-episode
+    assert saved["steps_seen"] == 6 and saved["last_step"] == 5 and len(saved["findings"]) == 1
+
+    resumed = gradwatch.HealthMonitor(every_n_steps=4, remedies="off", events_path=events)
+    trainer(tmp_path, [BreakGrads(BAD_STEPS), resumed, HealGrads()], max_steps=10, logger=False).fit(
+        DigitsMLP(), loaders[0], ckpt_path=path
+    )
+    assert [(f.rule, f.severity, f.step, f.layer) for f in resumed.findings] == [
+        (f.rule, f.severity, f.step, f.layer) for f in ref.findings
+    ]
+    assert resumed.monitor.steps_seen == 10 and resumed.monitor.last_step == 9
+    lines = read_events(events)
+    # the first run's finding and summary, then the resumed run's new finding and summary
+    assert [(e["kind"], e.get("step", e.get("steps"))) for e in lines] == [
+        ("finding", 4),
+        ("summary", 6),
+        ("finding", 9),
+        ("summary", 10),
+    ]
+    assert lines[-1]["rules"][0]["count"] == 2 and lines[-1]["rules"][0]["first_step"] == 4

@@ -87,7 +87,15 @@ def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor:
 
 
 class ActivationProbe:
-    """Attach one-shot forward hooks for one sampled step; :meth:`detach` removes every one."""
+    """Attach one-shot forward hooks for one sampled step; :meth:`detach` removes every one.
+
+    ``torch.compile``: dynamo does not guard on the forward hooks of submodules
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so hooks attached and removed between steps
+    would be ignored by an already compiled graph. When the model holds a compiled module
+    (``OptimizedModule``), the probe therefore registers its hooks once, before the first forward is
+    compiled, and gates them with a plain attribute (:attr:`sampling`) that dynamo does guard on: one graph
+    with the statistics, one without, both compiled once and reused. :meth:`remove` takes them off.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.modules: list[tuple[str, nn.Module, str]] = [
@@ -95,14 +103,26 @@ class ActivationProbe:
         ]
         self._handles: list[RemovableHandle] = []
         self._captured: dict[str, torch.Tensor] = {}
+        self.persistent = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+        self.sampling = False
+        if self.persistent:  # before the first forward, so that dynamo traces them (gated off)
+            self._register()
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self.sampling if self.persistent else bool(self._handles)
 
     def attach(self) -> None:
+        if self.persistent and self._handles:
+            self._captured.clear()
+            self.sampling = True
+            return
         self.detach()
-        self._captured = {}
+        self._captured.clear()
+        self.sampling = True
+        self._register()
+
+    def _register(self) -> None:
         for name, module, kind in self.modules:
             self._handles.append(
                 module.register_forward_hook(self._hook(name, kind, isinstance(module, _CONV)))
@@ -110,7 +130,7 @@ class ActivationProbe:
 
     def _hook(self, name: str, kind: str, conv: bool) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if name in self._captured:
+            if not self.sampling or name in self._captured:
                 return  # one sample per module per scheduled step
             y = output[0] if isinstance(output, tuple | list) else output
             if isinstance(y, torch.Tensor) and y.is_floating_point() and y.numel() > 0:
@@ -120,6 +140,14 @@ class ActivationProbe:
         return hook
 
     def detach(self) -> None:
+        """Stop sampling; hooks are removed (kept, gated off, for a compiled model until :meth:`remove`)."""
+        self.sampling = False
+        if not self.persistent:
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        self.sampling = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -129,5 +157,5 @@ class ActivationProbe:
         kinds = {name: kind for name, _, kind in self.modules}
         names = [name for name, _, _ in self.modules if name in self._captured]
         stats = torch.stack([self._captured[n] for n in names]) if names else None
-        self._captured = {}
+        self._captured.clear()
         return names, [kinds[n] for n in names], stats

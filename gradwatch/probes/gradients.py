@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gradwatch.distributed import local
 from gradwatch.probes.layout import ParamLayout
 
 
@@ -48,7 +49,7 @@ class GradientProbe:
         for p in params:
             i = index_of.get(id(p))
             if i is not None and p.grad is not None:
-                grads.append(p.grad)
+                grads.append(local(p.grad))  # a sharded gradient: this rank's shard (summed at the read)
                 idx.append(i)
         if not grads:
             return None

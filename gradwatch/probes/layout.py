@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gradwatch.distributed import is_dtensor
+
 
 def layer_of(param_name: str) -> str:
     """The module a parameter belongs to: ``"net.0.weight" -> "net.0"``; a top-level ``"scale" -> "scale"``."""
@@ -28,6 +30,9 @@ class ParamLayout:
         self._layer_ids: list[int] = [position[layer_of(n)] for n in self.names]
         self.index_of: dict[int, int] = {id(p): i for i, p in enumerate(self.params)}
         self.device = self.params[0].device if self.params else torch.device("cpu")
+        #: Parameters are sharded across ranks (FSDP2 / DTensor): probes measure local shards and the
+        #: monitor adds their sums of squares up across ranks (see gradwatch.distributed).
+        self.sharded: bool = any(is_dtensor(p) for p in self.params)
         self._layer_index: torch.Tensor | None = None
 
     def __len__(self) -> int:

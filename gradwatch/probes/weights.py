@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from gradwatch.distributed import local
 from gradwatch.probes.gradients import foreach_norms
 from gradwatch.probes.layout import ParamLayout
 
@@ -20,12 +21,12 @@ class WeightProbe:
     def snapshot(self) -> None:
         """Copy the weights before the optimizer step (scheduled steps only)."""
         with torch.no_grad():
-            self._before = torch._foreach_mul([p.detach() for p in self.layout.params], 1.0)
+            self._before = torch._foreach_mul([local(p.detach()) for p in self.layout.params], 1.0)
 
     def measure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(sq_per_layer, nonfinite_per_layer, update_sq_per_layer_or_None)`` as device tensors."""
         with torch.no_grad():
-            params = [p.detach() for p in self.layout.params]
+            params = [local(p.detach()) for p in self.layout.params]  # sharded: this rank's shards
             norms = foreach_norms(params)
             bad = (~torch.isfinite(norms)).to(torch.float32)
             update = None

@@ -1,0 +1,210 @@
+"""Distributed training on CPU with two real processes (gloo): DDP through Lightning, and sharded (FSDP2)
+parameters through the Lightning-free core. Statistics equal the single-process reference; every rank
+judges the same numbers; only rank zero writes."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from gradwatch.sinks.events import read_events
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NAN_STEP = 3
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("ddp_fit", os.path.join(HERE, "scripts", "ddp_fit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One 2-process DDP fit (Lightning's script launcher needs a script file): 6 steps, NaN on rank 1 at step 3."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "scripts", "ddp_fit.py"), str(out), str(NAN_STEP)],
+        env=env,
+        cwd=str(out),
+        capture_output=True,
+        text=True,
+        timeout=120,  # a rank waiting forever on the other would hit this
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return out, ranks, proc.stdout + proc.stderr
+
+
+def _reference(steps: int):
+    """One process, SGD on the union of both ranks' batches: per-step loss, total and per-layer grad norms."""
+    script = _script()
+    model = script.build_model()
+    x, y = script.digits()
+    n = 2 * script.BATCH * script.STEPS
+    x0, y0, x1, y1 = x[:n][0::2], y[:n][0::2], x[:n][1::2], y[:n][1::2]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    out = []
+    b = script.BATCH
+    for k in range(steps):
+        xb = torch.cat([x0[k * b : (k + 1) * b], x1[k * b : (k + 1) * b]])
+        yb = torch.cat([y0[k * b : (k + 1) * b], y1[k * b : (k + 1) * b]])
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        layers = {
+            f"net.{i}": math.sqrt(
+                sum(torch.linalg.vector_norm(p.grad.double()).item() ** 2 for p in m.parameters())
+            )
+            for i, m in enumerate(model)
+            if list(m.parameters())
+        }
+        total = math.sqrt(sum(v * v for v in layers.values()))
+        out.append({"loss": loss.item(), "grad_norm": total, "layers": layers})
+        opt.step()
+    return out
+
+
+def test_ddp_statistics_equal_the_single_process_reference(ddp_run):
+    _, ranks, _ = ddp_run
+    ref = _reference(NAN_STEP)
+    for data in ranks:
+        assert data["world_size"] == 2
+        for k in range(NAN_STEP):
+            read = data["reads"][k]
+            (rec,) = read["steps"]
+            assert rec["step"] == k
+            # the loss is the mean over ranks (one all-reduce at the read): the full batch's loss
+            assert rec["loss"] == pytest.approx(ref[k]["loss"], rel=1e-5)
+            assert rec["grad_norm"] == pytest.approx(ref[k]["grad_norm"], rel=1e-4)
+            for layer, norm in ref[k]["layers"].items():
+                assert read["layers"][layer] == pytest.approx(norm, rel=1e-4)
+
+
+def test_ddp_nan_on_one_rank_gives_the_same_finding_on_every_rank(ddp_run):
+    _, (r0, r1), _ = ddp_run
+    key = [(f["rule"], f["severity"], f["step"], f["layer"]) for f in r0["findings"]]
+    assert key == [(f["rule"], f["severity"], f["step"], f["layer"]) for f in r1["findings"]]
+    assert key[0] == ("nonfinite", "critical", NAN_STEP, "net.0")
+    assert r0["reads"][NAN_STEP]["steps"] == r1["reads"][NAN_STEP]["steps"]  # same numbers, same decision
+    assert math.isnan(r0["reads"][NAN_STEP]["steps"][0]["loss"])  # rank 0's own loss was finite
+
+
+def test_ddp_only_rank_zero_writes(ddp_run):
+    out, (r0, _), output = ddp_run
+    events = read_events(out / "events.jsonl")
+    assert [e["kind"] for e in events].count("finding") == len(r0["findings"])  # not twice
+    assert [e["kind"] for e in events].count("summary") == 1
+    summary = events[-1]
+    assert summary["setup"]["world_size"] == 2 and summary["setup"]["strategy"] == "DDPStrategy"
+    assert len(glob.glob(str(out / "tb" / "*" / "events.out.tfevents.*"))) == 1
+    assert output.count("gradwatch health summary") == 1
+    assert output.count("gradwatch: setup") == 1
+
+
+# ---------------------------------------------------------------------------- sharded parameters (FSDP2)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch import nn
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        from gradwatch.distributed import local, sharded_sq_norms
+        from gradwatch.monitor import Monitor
+
+        mesh = init_device_mesh("cpu", (2,))
+        # 1. the helper: squared norms of row shards add up to the full tensor's
+        torch.manual_seed(0)
+        full = torch.randn(6, 5)
+        shard = local(distribute_tensor(full, mesh, [Shard(0)]))
+        assert shard.shape == (3, 5)
+        total = sharded_sq_norms(torch.linalg.vector_norm(shard).square().reshape(1))
+        res = {"helper": total.item(), "helper_ref": torch.linalg.vector_norm(full).square().item()}
+
+        # 2. the Monitor on an FSDP2 model: per-layer norms of sharded gradients vs the unsharded model
+        def make():
+            torch.manual_seed(1)
+            return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+        ref, model = make(), make()
+        fully_shard(model, mesh=mesh)
+        mon = Monitor(every_n_steps=1, remedies="off", activations=False, inputs=False)
+        mon.bind(model, [])
+        torch.manual_seed(2)
+        xs = torch.randn(2, 4, 8)  # both ranks know both batches; each trains on its own
+        mon.batch_start(0, xs[rank])
+        loss = model(xs[rank]).square().mean()
+        loss.backward()  # FSDP2 reduce-scatters: each rank holds its shard of the averaged gradient
+        mon.before_optimizer_step(0, 0, list(model.parameters()), 0.1)
+        mon.batch_end(loss)
+        stats = mon.last_stats
+        ref_loss = torch.stack([ref(x).square().mean() for x in xs]).mean()
+        ref_loss.backward()
+        layers = {
+            n: math.sqrt(sum(torch.linalg.vector_norm(p.grad).item() ** 2 for p in m.parameters()))
+            for n, m in ref.named_children()
+            if list(m.parameters())
+        }
+        res.update(
+            sharded=mon._layout.sharded,
+            grad_norm=stats.grad_norm,
+            grad_total=stats.steps[0].grad_norm,
+            loss=stats.steps[0].loss,
+            weight_norm=stats.weight_norm,
+            ref_layers=layers,
+            ref_total=math.sqrt(sum(v * v for v in layers.values())),
+            ref_loss=ref_loss.item(),
+            ref_weights={
+                n: math.sqrt(sum(torch.linalg.vector_norm(p).item() ** 2 for p in m.parameters()))
+                for n, m in ref.named_children()
+                if list(m.parameters())
+            },
+            local_only=math.sqrt(
+                sum(torch.linalg.vector_norm(local(p.grad)).item() ** 2 for p in model.parameters())
+            ),
+        )
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_norms_add_up_to_the_unsharded_value(tmp_path):
+    """FSDP2 (DTensor) parameters on 2 gloo processes: gradwatch sums the shards' squares, once, at the read."""
+    mp.spawn(_sharded_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["helper"] == pytest.approx(res["helper_ref"], rel=1e-6)
+        assert res["sharded"] is True
+        for layer, norm in res["ref_layers"].items():
+            assert res["grad_norm"][layer] == pytest.approx(norm, rel=1e-5)
+            assert res["weight_norm"][layer] == pytest.approx(res["ref_weights"][layer], rel=1e-5)
+        assert res["grad_total"] == pytest.approx(res["ref_total"], rel=1e-5)
+        assert res["local_only"] < res["ref_total"] * 0.99  # one shard alone would be wrong
+        assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-5)
