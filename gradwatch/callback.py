@@ -13,7 +13,7 @@ from gradwatch.detectors import Detector
 from gradwatch.monitor import Monitor, log
 from gradwatch.probes.amp import amp_view, scale_tensor, scaler_of
 from gradwatch.progress import ProgressStatus
-from gradwatch.remedies import Remedy
+from gradwatch.remedies import Context, Remedy
 from gradwatch.schedules import Schedule
 from gradwatch.setups import describe_setup, format_setup
 from gradwatch.sinks import Console, EventsFile, Sink, TensorBoard
@@ -37,12 +37,35 @@ def _lr_of(optimizer: Any) -> float | None:
     return float(lr) if isinstance(lr, float | int) else None
 
 
+def _context(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Context:
+    """The training objects remedies may touch, through Lightning's public API."""
+
+    def stop() -> None:
+        trainer.should_stop = True
+
+    def reduce_any(decision: bool) -> bool:
+        if trainer.world_size <= 1:
+            return decision
+        return bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
+
+    return Context(
+        model=pl_module,
+        optimizers=lambda: list(trainer.optimizers),
+        schedulers=lambda: [config.scheduler for config in trainer.lr_scheduler_configs],
+        scaler=scaler_of(trainer),
+        request_stop=stop,
+        automatic=bool(pl_module.automatic_optimization),
+        reduce_any=reduce_any,
+    )
+
+
 class HealthMonitor(pl.Callback):
     """Watch a training run's health: gradients, weights, updates, activations, inputs and the loss.
 
     Args:
-        remedies: ``"auto"`` (every remedy gradwatch implements), ``"off"`` (observe only), or a list of
-            remedy ids / :class:`~gradwatch.remedies.Remedy` objects.
+        remedies: ``"auto"`` (every remedy: skip_step, clip_gradients, reduce_lr, rollback, reinitialize,
+            early_stop, with their defaults), ``"off"`` (observe only), or a list of remedy ids /
+            :class:`~gradwatch.remedies.Remedy` objects (e.g. ``[SkipStep(), ReduceLR(factor=0.3)]``).
         every_n_steps: statistics cadence: on every n-th optimizer step gradwatch reads its statistics back
             to the host (one transfer), samples activations and inputs, and runs the detectors. Every
             step's loss and gradient norm are still recorded, on device. An ``int`` or a ``step -> bool``
@@ -60,6 +83,8 @@ class HealthMonitor(pl.Callback):
         name: tells two monitors in one trainer apart in checkpoints.
         print_summary: log the one-screen summary when fit ends.
         alerts: more alert targets: http(s) URLs and/or callables taking the payload dict.
+        snapshot_every: with ``rollback`` on, keep a healthy state in host memory every this many steps.
+        snapshots: how many such states to keep (memory: this many copies of model + optimizer state).
 
     Raises:
         ConfigError: on any bad argument, with what to write instead.
@@ -85,6 +110,8 @@ class HealthMonitor(pl.Callback):
         val_loss_key: str | None = None,
         name: str | None = None,
         print_summary: bool = True,
+        snapshot_every: int = 100,
+        snapshots: int = 2,
         alerts: Iterable[Target] | None = None,
     ) -> None:
         super().__init__()
@@ -99,6 +126,8 @@ class HealthMonitor(pl.Callback):
             update_ratio=update_ratio,
             detectors=detectors,
             print_summary=print_summary,
+            snapshot_every=snapshot_every,
+            snapshots=snapshots,
         )
         if val_loss_key is not None and not isinstance(val_loss_key, str):
             from gradwatch.errors import ConfigError
@@ -149,7 +178,7 @@ class HealthMonitor(pl.Callback):
             if self._alert_targets:
                 sinks.append(Alerts(self._alert_targets, run=self.name))
         self._progress.attach(trainer)
-        self.monitor.bind(pl_module, sinks, meta={"run": trainer.log_dir})
+        self.monitor.bind(pl_module, sinks, meta={"run": trainer.log_dir}, context=_context(trainer, pl_module))
         self.monitor.setup = describe_setup(trainer, pl_module)
         if trainer.is_global_zero:
             log.info(format_setup(self.monitor.setup))

@@ -28,11 +28,23 @@ from torch import nn
 
 from gradwatch.detectors import Detector, default_detectors
 from gradwatch.distributed import MEAN, SUM
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_positive_int
 from gradwatch.findings import Action, Finding
 from gradwatch.probes import ActivationProbe, GradientProbe, ParamLayout, WeightProbe, input_stats
 from gradwatch.probes.activations import FIELDS
-from gradwatch.remedies import Remedy, resolve_remedies
+from gradwatch.remedies import (
+    BestWeights,
+    ClipGradients,
+    Context,
+    EarlyStop,
+    LRControl,
+    Remedy,
+    Rollback,
+    SkipStep,
+    Snapshots,
+    resolve_remedies,
+)
+from gradwatch.setups import needs_automatic_loop_message
 from gradwatch.schedules import Schedule, as_schedule
 from gradwatch.sinks import Sink, build_summary
 from gradwatch.stats import ActivationStats, InputStats, Stats, StepRecord, Transfer
@@ -82,6 +94,8 @@ class Monitor:
         update_ratio: bool = True,
         detectors: Iterable[Detector] | None = None,
         print_summary: bool = True,
+        snapshot_every: int = 100,
+        snapshots: int = 2,
     ) -> None:
         self.schedule: Schedule = as_schedule("every_n_steps", every_n_steps, 20)
         self.every_n_steps = every_n_steps
@@ -144,10 +158,36 @@ class Monitor:
         #: start (gradwatch.setups.describe_setup), written in the summary under "setup".
         self.setup: dict[str, Any] = {}
 
+        # remedies and the state they share
+        self.context: Context | None = None
+        self.lr = LRControl()
+        self.snapshots = Snapshots(
+            keep=check_positive_int("snapshots", snapshots, 2),
+            every_n_steps=check_positive_int("snapshot_every", snapshot_every, 100),
+        )
+        self.best = BestWeights()
+        self.skip = self._remedy(SkipStep)
+        self.clip = self._remedy(ClipGradients)
+        self.rollback = self._remedy(Rollback)
+        self.early_stop = self._remedy(EarlyStop)
+        self._step_actions: list[Action] = []
+        self._clips: list[torch.Tensor] = []
+        self._warned_manual: set[str] = set()
+
+    def _remedy(self, cls: type) -> Any:
+        return next((r for r in self.remedies if isinstance(r, cls)), None)
+
     # ------------------------------------------------------------------ binding
-    def bind(self, model: nn.Module, sinks: list[Sink], meta: dict[str, Any] | None = None) -> None:
-        """Attach to ``model`` (parameters, modules) and open ``sinks`` for a run."""
+    def bind(
+        self, model: nn.Module, sinks: list[Sink], meta: dict[str, Any] | None = None, context: Context | None = None
+    ) -> None:
+        """Attach to ``model`` (parameters, modules) and open ``sinks`` for a run.
+
+        ``context`` hands remedies the training objects (optimizers, schedulers, scaler, a way to stop);
+        without it remedies cannot act.
+        """
         self.unbind()
+        self.context = context
         self._layout = ParamLayout(model)
         self._grads = GradientProbe(self._layout)
         self._weights = WeightProbe(self._layout)
@@ -182,7 +222,10 @@ class Monitor:
 
     # ------------------------------------------------------------------ per step
     def batch_start(self, step: int, batch: Any) -> None:
-        """Before the forward: on a scheduled step's first batch, attach activation hooks and read inputs."""
+        """Before the forward: apply the LR multiplier; on a scheduled step's first batch, attach activation
+        hooks and read inputs."""
+        if self.context is not None:
+            self.lr.apply(self.context.optimizers())
         if not self.schedule(step) or self._probed_step == step:
             return
         self._probed_step = step
@@ -227,6 +270,7 @@ class Monitor:
             inv_sq = loss_scale.detach().float().reciprocal().square()
             sq = sq * inv_sq
             layers = layers * inv_sq if layers is not None else None
+        self._repair_gradients(step, epoch, params, sq, count, scaled=loss_scale is not None)
         row = self._row
         if "sq" in row:  # a second optimizer in the same step: sums of squares add up
             row["sq"] = row["sq"] + sq
@@ -244,8 +288,11 @@ class Monitor:
         """After the batch: add its loss; if an optimizer step ran, record it, and read on a scheduled step.
 
         ``loss_scale`` is the GradScaler's scale tensor after the step: lower than before means the scaler
-        found an Inf/NaN gradient and skipped the step (compared on device, no read).
+        found an Inf/NaN gradient and skipped the step (compared on device, no read). The LR multiplier
+        is taken back out first, so that schedulers stepping after the batch see their own learning rate.
         """
+        if self.context is not None:
+            self.lr.unapply(self.context.optimizers())
         if self._acts is not None and self._acts.attached:
             self._acts.detach()
             names, kinds, acts = self._acts.collect()
@@ -286,16 +333,23 @@ class Monitor:
             ]
         )
         self._rows.append(_PendingRow(row["step"], row["epoch"], row["lr"], values, has_loss))
+        if self.clip is not None:
+            self._clips.append(row.get("clip", torch.ones((), device=device)).to(device).reshape(()))
         self._loss_sum, self._loss_n = None, 0
-        if self.schedule(row["step"]) or len(self._rows) >= MAX_PENDING_ROWS:
+        if self.schedule(row["step"]) or len(self._rows) >= MAX_PENDING_ROWS or self._step_actions:
             return self.flush()
         return []
 
     def validation_end(self, step: int, val_loss: float | None) -> None:
-        """Validation after optimizer step ``step``: its loss is judged at the next read."""
-        if val_loss is not None:
-            self._val_loss = val_loss
-            self._emit_scalars(step, {"gradwatch/loss/val": val_loss})
+        """Validation after optimizer step ``step``: kept for the best weights, and judged at once when
+        early stopping can act on it (a read of what is pending), else at the next read."""
+        if val_loss is None:
+            return
+        self._val_loss = val_loss
+        self._emit_scalars(step, {"gradwatch/loss/val": val_loss})
+        if self.early_stop is not None and self.context is not None and math.isfinite(val_loss):
+            self.best.offer(step, val_loss, self.context.model)
+            self.flush()
 
     # ------------------------------------------------------------------ read, judge, act, write
     def flush(self, *, across_ranks: bool = True) -> list[Finding]:
@@ -316,6 +370,9 @@ class Monitor:
         transfer.add("rows", torch.stack([r.values.to(rows[0].values.device) for r in rows]), modes)
         if "grad_layers" in meta:
             transfer.add("grad_layers", meta["grad_layers"], shard)
+        clips, self._clips = self._clips, []
+        if len(clips) == len(rows) and clips:
+            transfer.add("clips", torch.stack([c.to(rows[0].values.device) for c in clips]), MEAN)
         last = rows[-1]
         scheduled = self.schedule(last.step) and self._layout is not None
         if scheduled:
@@ -333,11 +390,108 @@ class Monitor:
         new: list[Finding] = []
         for detector in self.detectors:
             new.extend(detector.check(stats.step, stats))
-        for finding in new:
+        self._publish(new)
+        step_actions, self._step_actions = self._step_actions, []
+        for action in step_actions:
+            self.record_action(action)
+        if "clips" in host and self.clip is not None:
+            clipped = [
+                (r.step, r.epoch, rec.grad_norm, float(c))
+                for r, rec, c in zip(rows, stats.steps, host["clips"], strict=True)
+                if c < 1.0
+            ]
+            action = self.clip.clipped(clipped)
+            if action is not None:
+                self.record_action(action)
+        self._respond(new)
+        self._maybe_snapshot(last.step, new)
+        return new
+
+    def _publish(self, findings: list[Finding]) -> None:
+        for finding in findings:
             self.findings.append(finding)
             for sink in self.sinks:
                 sink.finding(finding)
-        return new
+
+    # ------------------------------------------------------------------ remedies
+    def _repair_gradients(
+        self, step: int, epoch: int, params: list[torch.Tensor], sq: torch.Tensor, count: torch.Tensor, scaled: bool
+    ) -> None:
+        """Per-step remedies, before the optimizer steps: skip a non-finite step, clip adaptively."""
+        ctx = self.context
+        if ctx is None:
+            return
+        watched = [p for p in params if p.grad is not None and id(p) in self._layout.index_of]
+        if self.skip is not None and not scaled:  # under a GradScaler the scaler skips such steps itself
+            skip, norm, bad = self.skip.decide(count, sq, ctx.reduce_any)
+            if skip:
+                for p in params:
+                    p.grad = None  # torch optimizers leave parameters without a gradient untouched
+                self._step_actions.append(self.skip.skipped(step, epoch, norm, bad))
+                if self.skip.consecutive >= self.skip.max_consecutive and self.rollback is not None:
+                    finding = self.rollback.escalation(step, epoch, self.skip.consecutive)
+                    self._publish([finding])
+                    if self.rollback.ready(step):
+                        action = self.rollback.restore(finding, self)
+                        if action is not None:
+                            self._step_actions.append(action)
+                            self.skip.consecutive = 0
+                return
+        if self.clip is not None and watched and self._row is not None:
+            self._row["clip"] = self.clip.clip([p.grad for p in watched], sq)
+
+    def _respond(self, findings: list[Finding]) -> None:
+        """Let the remedies answer new warning/critical findings, in ladder order; one action per finding."""
+        if self.context is None:
+            return
+        for finding in findings:
+            if finding.severity == "info":
+                continue
+            answering = [r for r in self.remedies if finding.rule in r.answers]
+            acted = False
+            for remedy in answering:
+                if remedy.needs_automatic_loop and not self.context.automatic:
+                    self._warn_manual(remedy.name)
+                    continue
+                if not remedy.ready(finding.step):
+                    continue
+                action = remedy.respond(finding, self)
+                if action is not None:
+                    self.record_action(action)
+                    acted = True
+                    break
+            spent = answering and all(r.spent for r in answering)
+            if not acted and spent and finding.severity == "critical" and self.early_stop is not None:
+                tried = [a for a in self.actions if a.rule == finding.rule]
+                out = self.early_stop.give_up(finding, tried, self)
+                if out is not None:
+                    self._publish([out[0]])
+                    self.record_action(out[1])
+
+    def _warn_manual(self, remedy: str) -> None:
+        if remedy not in self._warned_manual:
+            self._warned_manual.add(remedy)
+            log.warning("gradwatch: %s", needs_automatic_loop_message(remedy, {"manual_optimization": True}))
+
+    def _maybe_snapshot(self, step: int, new: list[Finding]) -> None:
+        """Keep a healthy state for rollback: no warning/critical finding now and no open episode."""
+        if self.rollback is None or self.context is None or not self.snapshots.due(step):
+            return
+        if any(f.severity != "info" for f in new) or any(
+            sev != "info" for d in self.detectors for sev in getattr(d, "active", {}).values()
+        ):
+            return
+        if self.last_stats is not None and any(not math.isfinite(v) for v in self.last_stats.weight_norm.values()):
+            return
+        applied = self.lr.applied
+        self.lr.unapply(self.context.optimizers())  # snapshots hold the schedulers' own learning rates
+        self.snapshots.take(step, self.context)
+        if applied:
+            self.lr.apply(self.context.optimizers())
+
+    def unit_activity(self, module: str | None) -> torch.Tensor | None:
+        """Per-unit activity of ``module`` at the last sampled step (device vector), for remedies."""
+        return self._acts.activity.get(module) if self._acts is not None and module else None
 
     def _build_stats(self, rows: list[_PendingRow], host: dict[str, Any], meta: dict[str, Any]) -> Stats:
         layout = self._layout
@@ -464,6 +618,13 @@ class Monitor:
             ranges=self.ranges,
             events_path=self.events_path,
         )
+        summary["memory"] = {
+            "snapshot_mib": round(self.snapshots.peak_bytes / 2**20, 3),
+            "snapshots_kept": len(self.snapshots.ring),
+            "best_weights_mib": round(self.best.nbytes / 2**20, 3),
+        }
+        if self.lr.multiplier != 1.0:
+            summary["lr_multiplier"] = self.lr.multiplier
         summary["setup"] = dict(self.setup)
         for sink in self.sinks:
             sink.summary(summary)
@@ -483,6 +644,8 @@ class Monitor:
             "last_step": self.last_step,
             "last_epoch": self.last_epoch,
             "ranges": {k: dict(v) for k, v in self.ranges.items()},
+            "lr": self.lr.state(),
+            "snapshot_steps": [snap.step for snap in self.snapshots.ring],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -498,3 +661,4 @@ class Monitor:
         self.last_step = state.get("last_step", -1)
         self.last_epoch = state.get("last_epoch", 0)
         self.ranges = {k: dict(v) for k, v in state.get("ranges", {}).items()}
+        self.lr.load(state.get("lr", {}))

@@ -77,5 +77,5 @@ def test_good_configuration_and_caller_list_untouched():
     assert remedies == [] and mon.monitor.remedies == []
     assert mon.monitor.schedule(14) and not mon.monitor.schedule(15)
     assert gradwatch.HealthMonitor(remedies="off").monitor.remedies == []
-    # until remedies exist, "auto" acts like "off"
-    assert gradwatch.HealthMonitor().monitor.remedies == []
+    auto = [r.name for r in gradwatch.HealthMonitor().monitor.remedies]
+    assert auto == ["skip_step", "clip_gradients", "reduce_lr", "rollback", "reinitialize", "early_stop"]

@@ -32,8 +32,9 @@ class Peek(pl.Callback):
 def test_tqdm_progress_bar_shows_health(tmp_path, loaders):
     mon = gradwatch.HealthMonitor(every_n_steps=5, remedies="off")
     peek = Peek()
-    t = trainer(tmp_path, [mon, peek], max_steps=10, logger=False, enable_progress_bar=True)
-    assert isinstance(t.progress_bar_callback, pl.callbacks.TQDMProgressBar)  # Lightning's default bar
+    bar = pl.callbacks.TQDMProgressBar()  # Lightning's default bar (RichProgressBar when rich is installed)
+    t = trainer(tmp_path, [mon, peek, bar], max_steps=10, logger=False, enable_progress_bar=True)
+    assert t.progress_bar_callback is bar
     out = io.StringIO()
     with redirect_stdout(out):  # Lightning's tqdm bars write to stdout
         t.fit(DigitsMLP(nan_at_step=3), loaders[0])

@@ -112,7 +112,7 @@ def test_no_logger_still_writes_events(tmp_path, loaders):
 
 def test_events_file_is_strict_jsonl_with_contract_fields(tmp_path, loaders):
     path = tmp_path / "custom" / "ev.jsonl"
-    mon = gradwatch.HealthMonitor(every_n_steps=5, events_path=path)
+    mon = gradwatch.HealthMonitor(every_n_steps=5, events_path=path, remedies="off")
     trainer(tmp_path, [mon], max_steps=15).fit(DigitsMLP(nan_at_step=4), *loaders)
     lines = path.read_text().splitlines()
     events = [_strict(line) for line in lines]

@@ -63,8 +63,21 @@ def _unit_dim(y: torch.Tensor, conv: bool) -> int:
     return y.ndim - 1
 
 
-def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor:
-    """The :data:`FIELDS` vector of one output tensor, computed on its device without a host sync."""
+def unit_activity(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor | None:
+    """Per unit, the fraction of samples (and positions) where it is active (``> 0``), for relu/linear kinds."""
+    if kind not in ("relu", "linear") or y.ndim < 2:
+        return None
+    dim = _unit_dim(y, conv)
+    return (y.detach() > 0).movedim(dim, -1).reshape(-1, y.shape[dim]).float().mean(dim=0)
+
+
+def summarize(
+    y: torch.Tensor, kind: str, conv: bool = False, active: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The :data:`FIELDS` vector of one output tensor, computed on its device without a host sync.
+
+    ``active`` is :func:`unit_activity` of ``y`` if the caller already has it.
+    """
     y = y.detach().float()
     zero = y.new_zeros(())
     std, mean = torch.std_mean(y) if y.numel() > 1 else (zero, y.mean())
@@ -73,9 +86,9 @@ def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor:
     if kind in ("relu", "linear"):
         off = y == 0 if kind == "relu" else y <= 0
         zero_frac = off.float().mean()
-        if y.ndim >= 2:
-            dim = _unit_dim(y, conv)
-            active = (~off).movedim(dim, -1).reshape(-1, y.shape[dim]).float().mean(dim=0)
+        if active is None:
+            active = unit_activity(y, kind, conv)
+        if active is not None:
             dead = (active < DEAD_RATE).float().mean()
     if kind == "tanh":
         saturated = (y.abs() > 0.99).float().mean()
@@ -103,6 +116,8 @@ class ActivationProbe:
         ]
         self._handles: list[RemovableHandle] = []
         self._captured: dict[str, torch.Tensor] = {}
+        #: Per-unit activity of relu/linear modules at the last sampled step (device vectors, never read).
+        self.activity: dict[str, torch.Tensor] = {}
         self.persistent = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
         self.sampling = False
         if self.persistent:  # before the first forward, so that dynamo traces them (gated off)
@@ -135,7 +150,10 @@ class ActivationProbe:
             y = output[0] if isinstance(output, tuple | list) else output
             if isinstance(y, torch.Tensor) and y.is_floating_point() and y.numel() > 0:
                 with torch.no_grad():
-                    self._captured[name] = summarize(y, kind, conv)
+                    active = unit_activity(y, kind, conv)
+                    if active is not None:
+                        self.activity[name] = active  # kept on device for remedies (reinitialize)
+                    self._captured[name] = summarize(y, kind, conv, active)
 
         return hook
 

@@ -25,7 +25,10 @@ class Remedy:
     """
 
     name: ClassVar[str] = ""
+    #: Rule ids this remedy answers, in the order of the ladder.
     answers: ClassVar[tuple[str, ...]] = ()
+    #: True when acting needs Lightning's automatic loop (it steps schedulers between batches).
+    needs_automatic_loop: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -58,9 +61,22 @@ class Remedy:
         self.last_step = action.step
         return action
 
-    def respond(self, finding: Finding, context: Any) -> Action | None:
-        """Act on ``finding``; return the :class:`Action` taken, or ``None``. Subclasses implement this."""
+    @property
+    def spent(self) -> bool:
+        return self.used >= self.budget
+
+    def respond(self, finding: Finding, monitor: Any) -> Action | None:
+        """Act on ``finding``; return the :class:`Action` taken, or ``None``. Subclasses implement this.
+
+        ``monitor`` is the :class:`~gradwatch.monitor.Monitor`: remedies reach the training objects through
+        ``monitor.context`` and the shared state through ``monitor.lr``, ``monitor.snapshots`` and
+        ``monitor.best``.
+        """
         raise NotImplementedError
+
+    def action(self, finding: Finding, message: str, **detail: Any) -> Action:
+        """Build and count an :class:`Action` answering ``finding``."""
+        return self.record(Action(self.name, finding.step, finding.rule, detail, finding.epoch, message))
 
     def state_dict(self) -> dict[str, Any]:
         return {"used": self.used, "last_step": self.last_step}
@@ -68,6 +84,9 @@ class Remedy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.used = state.get("used", self.used)
         self.last_step = state.get("last_step", self.last_step)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(cooldown_steps={self.cooldown_steps}, budget={self.budget})"
 
 
 def resolve_remedies(remedies: Any) -> list[Remedy]:

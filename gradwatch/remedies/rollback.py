@@ -1,0 +1,71 @@
+"""``rollback``: restore the last healthy state held in host memory, then lower the learning rate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradwatch.detectors.base import check_threshold
+from gradwatch.findings import Action, Finding, Severity
+from gradwatch.remedies.base import Remedy
+from gradwatch.remedies.reduce_lr import first_lr
+
+
+class Rollback(Remedy):
+    """Load the newest healthy snapshot (model, optimizers, schedulers, scaler), then multiply the LR by
+    ``lr_factor`` (0.5).
+
+    Snapshots are taken by the monitor every ``snapshot_every`` (100) steps on reads with no warning or
+    critical finding and no open episode, copied to host memory, ``keep`` (2) of them; their size is in
+    the summary. Answers non-finite *weights* (the model is corrupted), repeated non-finite steps (after
+    ``skip_step`` skipped ``max_consecutive`` in a row) and ``divergence``. The snapshot used is the newest
+    one taken at least ``margin`` (20) steps before the finding's step, so a state already drifting is not
+    restored. Gradients are cleared after the restore.
+    """
+
+    name = "rollback"
+    answers = ("nonfinite", "divergence")
+
+    def __init__(self, lr_factor: float = 0.5, margin: int = 20, cooldown_steps: int = 10, budget: int = 5) -> None:
+        super().__init__(cooldown_steps=cooldown_steps, budget=budget)
+        self.lr_factor = check_threshold("Rollback", "lr_factor", lr_factor, example=0.5)
+        self.margin = int(check_threshold("Rollback", "margin", margin, low=-1, example=20))
+
+    def respond(self, finding: Finding, monitor: Any) -> Action | None:
+        if finding.rule == "nonfinite" and "nonfinite_layers" not in finding.evidence:
+            if "loss_scale" in finding.evidence or monitor.skip is not None:
+                return None  # the scaler's business, or skip_step's (which escalates here when it repeats)
+        return self.restore(finding, monitor)
+
+    def restore(self, finding: Finding, monitor: Any) -> Action | None:
+        ctx, snaps = monitor.context, monitor.snapshots
+        if ctx is None or not snaps.ring:
+            return None
+        while len(snaps.ring) > 1 and snaps.ring[-1].step > finding.step - self.margin:
+            snaps.ring.pop()
+        before = first_lr(monitor)
+        applied = monitor.lr.applied
+        monitor.lr.unapply(ctx.optimizers())  # snapshots hold the schedulers' own learning rates
+        snap = snaps.restore(ctx)
+        for p in ctx.model.parameters():
+            p.grad = None  # nothing of the bad step leaks into the next one
+        lowered = ctx.automatic and self.lr_factor < 1
+        if lowered:
+            monitor.lr.multiplier *= self.lr_factor
+        if applied:
+            monitor.lr.apply(ctx.optimizers())
+        after = first_lr(monitor)
+        message = (
+            f"restored the state of step {snap.step} ({snap.nbytes / 2**20:.1f} MiB from host memory)"
+            + (f" and lowered the learning rate {1 / self.lr_factor:.3g}x" if lowered else "")
+        )
+        return self.action(finding, message, restored_step=snap.step, lr_before=before, lr_after=after,
+                           snapshot_mib=snap.nbytes / 2**20)
+
+    def escalation(self, step: int, epoch: int, skipped: int) -> Finding:
+        """The finding a run of skipped steps raises when it asks for a rollback."""
+        return Finding("nonfinite", Severity.CRITICAL, step, epoch, None,
+                       f"{skipped} optimizer steps in a row had non-finite gradients; skipping is not enough",
+                       {"consecutive_skips": float(skipped)},
+                       "Training keeps producing NaN/Inf gradients: the weights or optimizer state are likely "
+                       "corrupted. gradwatch rolls back to the last healthy state and lowers the learning rate.")
+
