@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -264,6 +264,10 @@ class Scenario:
     onset: int | None = None  # step the fault starts
     kind: str = ""  # "acute", "early" (initialization, inputs, saturation) or "" (other)
     val_every: float = 1.0  # validation interval, as Trainer(val_check_interval=...) when < 1
+    recoverable: bool = False  # a remedy can repair it in place (not a data or architecture fault)
+    twin: dict[str, Any] = field(
+        default_factory=dict
+    )  # overrides for the fault-free twin, beyond faults/init
 
     @property
     def healthy(self) -> bool:
@@ -274,272 +278,70 @@ def _digits_mlp(act=nn.ReLU, hidden=(128, 64)):
     return lambda: mlp(64, hidden, 10, act)
 
 
+# fmt: off
 SCENARIOS: list[Scenario] = [
-    # ---- faulty
-    Scenario(
-        "mlp_nan_batch",
-        "digits",
-        _digits_mlp(),
-        "momentum",
-        0.05,
-        3,
-        faults=Faults(nan_at=30),
-        expected=("nonfinite",),
-        onset=30,
-        kind="acute",
-    ),
-    Scenario(
-        "cnn_bn_nan_batch",
-        "digits_img",
-        cnn_bn,
-        "adam",
-        3e-3,
-        2,
-        faults=Faults(nan_at=25),
-        expected=("nonfinite",),
-        onset=25,
-        kind="acute",
-    ),
-    Scenario(
-        "mlp_gradient_spike",
-        "digits",
-        _digits_mlp(),
-        "adam",
-        3e-3,
-        3,
-        faults=Faults(scale_at=(60, 30.0)),
-        expected=("gradient_spike",),
-        onset=60,
-        kind="acute",
-    ),
-    Scenario(
-        "mlp_loss_spike",
-        "digits",
-        _digits_mlp(),
-        "adam",
-        3e-3,
-        4,
-        faults=Faults(shuffle_labels_at=80),
-        expected=("loss_spike",),
-        onset=80,
-        kind="acute",
-    ),
-    Scenario(
-        "gru_corrupted_batch",
-        "seq",
-        lambda: Recurrent("gru"),
-        "adam",
-        3e-3,
-        3,
-        faults=Faults(scale_at=(50, 40.0), shuffle_labels_at=50),
-        expected=("gradient_spike", "loss_spike"),
-        onset=50,
-        kind="acute",
-    ),
-    Scenario(
-        "mlp_lr_jump",
-        "digits",
-        _digits_mlp(),
-        "momentum",
-        0.05,
-        4,
-        faults=Faults(lr_jump_at=(40, 60.0)),
-        expected=("divergence", "exploding_gradients", "nonfinite", "loss_spike", "gradient_spike"),
-        onset=40,
-    ),
-    Scenario(
-        "transformer_lr_jump",
-        "seq",
-        TinyTransformer,
-        "adamw",
-        1e-3,
-        3,
-        faults=Faults(lr_jump_at=(40, 100.0)),
-        expected=("divergence", "exploding_gradients", "loss_spike", "gradient_spike", "update_ratio"),
-        onset=40,
-    ),
-    Scenario(
-        "rnn_relu_exploding",
-        "seq",
-        lambda: Recurrent("rnn_relu"),
-        "momentum",
-        0.05,
-        2,
-        expected=("gradient_spike", "exploding_gradients", "nonfinite", "loss_spike"),
-        onset=None,
-    ),
-    Scenario(
-        "deep_sigmoid_vanishing",
-        "digits",
-        _digits_mlp(nn.Sigmoid, (64,) * 8),
-        "sgd",
-        0.1,
-        3,
-        expected=("vanishing_gradients",),
-        onset=0,
-    ),
-    Scenario(
-        "tanh_normal_init",
-        "digits",
-        _digits_mlp(nn.Tanh, (128, 64)),
-        "sgd",
-        0.01,
-        2,
-        init=init_normal(1.0),
-        expected=("saturated_activations",),
-        onset=0,
-        kind="early",
-    ),
-    Scenario(
-        "relu_negative_bias",
-        "digits",
-        _digits_mlp(),
-        "momentum",
-        0.05,
-        2,
-        init=first_bias(-4.0),
-        expected=("dead_units",),
-        onset=0,
-        kind="early",
-    ),
-    Scenario(
-        "cnn_bn_dead_units",
-        "digits_img",
-        cnn_bn,
-        "adam",
-        1e-3,
-        2,
-        init=bn_shift(-3.0),
-        expected=("dead_units",),
-        onset=0,
-        kind="early",
-    ),
-    Scenario(
-        "deep_relu_normal_init",
-        "digits",
-        _digits_mlp(nn.ReLU, (128,) * 5),
-        "adam",
-        1e-4,
-        2,
-        init=init_normal(1.0),
-        expected=("poor_initialization",),
-        onset=0,
-        kind="early",
-    ),
-    Scenario(
-        "digits_raw_pixels",
-        "digits_raw",
-        _digits_mlp(),
-        "adam",
-        1e-3,
-        2,
-        expected=("unnormalized_inputs",),
-        onset=0,
-        kind="early",
-    ),
-    Scenario(
-        "cancer_raw_features",
-        "cancer_raw",
-        lambda: mlp(30, (64, 32), 2),
-        "adam",
-        1e-3,
-        3,
-        batch_size=32,
-        expected=("unnormalized_inputs",),
-        onset=0,
-        kind="early",
-    ),
-    Scenario(
-        "lr_far_too_low",
-        "digits",
-        _digits_mlp(),
-        "adam",
-        1e-7,
-        12,
-        expected=("loss_plateau", "update_ratio"),
-        onset=0,
-    ),
-    Scenario(
-        "lr_far_too_high",
-        "wine",
-        lambda: mlp(13, (32,), 3),
-        "sgd",
-        8.0,
-        12,
-        batch_size=16,
-        expected=("update_ratio", "divergence", "exploding_gradients", "nonfinite", "dead_units"),
-        onset=0,
-    ),
-    Scenario(
-        "detached_first_layer",
-        "digits",
-        _digits_mlp(),
-        "adam",
-        1e-3,
-        2,
-        faults=Faults(detach_first=True),
-        expected=("frozen_weights",),
-        onset=0,
-    ),
-    Scenario(
-        "first_layer_lr_zero",
-        "digits",
-        _digits_mlp(),
-        "adam",
-        1e-3,
-        2,
-        faults=Faults(freeze_first_lr=True),
-        expected=("frozen_weights",),
-        onset=0,
-    ),
-    Scenario(
-        "overfit_small_train_set",
-        "digits_small",
-        _digits_mlp(nn.ReLU, (512, 512)),
-        "adam",
-        3e-3,
-        60,
-        batch_size=16,
-        expected=("overfitting",),
-        onset=None,
-    ),
+    # ---- faulty: acute
+    Scenario("mlp_nan_batch", "digits", _digits_mlp(), "momentum", 0.05, 3, faults=Faults(nan_at=30),
+             expected=("nonfinite",), onset=30, kind="acute", recoverable=True),
+    Scenario("cnn_bn_nan_batch", "digits_img", cnn_bn, "adam", 3e-3, 6, batch_size=32, faults=Faults(nan_at=25),
+             expected=("nonfinite",), onset=25, kind="acute", recoverable=True),
+    Scenario("mlp_gradient_spike", "digits", _digits_mlp(), "adam", 3e-3, 3, faults=Faults(scale_at=(60, 30.0)),
+             expected=("gradient_spike",), onset=60, kind="acute", recoverable=True),
+    Scenario("mlp_loss_spike", "digits", _digits_mlp(), "adam", 3e-3, 4, faults=Faults(shuffle_labels_at=80),
+             expected=("loss_spike",), onset=80, kind="acute", recoverable=True),
+    Scenario("gru_corrupted_batch", "seq", lambda: Recurrent("gru"), "adam", 3e-3, 3,
+             faults=Faults(scale_at=(50, 40.0), shuffle_labels_at=50), expected=("gradient_spike", "loss_spike"),
+             onset=50, kind="acute", recoverable=True),
+    # ---- faulty: instability
+    Scenario("mlp_lr_jump", "digits", _digits_mlp(), "momentum", 0.05, 8, faults=Faults(lr_jump_at=(40, 60.0)),
+             expected=("divergence", "exploding_gradients", "nonfinite", "loss_spike", "gradient_spike"), onset=40,
+             recoverable=True),
+    Scenario("transformer_lr_jump", "seq", TinyTransformer, "adamw", 1e-3, 6, faults=Faults(lr_jump_at=(40, 100.0)),
+             expected=("divergence", "exploding_gradients", "loss_spike", "gradient_spike", "update_ratio"), onset=40,
+             recoverable=True),
+    Scenario("rnn_relu_exploding", "seq", lambda: Recurrent("rnn_relu"), "momentum", 0.05, 3,
+             expected=("gradient_spike", "exploding_gradients", "nonfinite", "loss_spike"), onset=None,
+             recoverable=True, twin={"lr": 0.01}),
+    Scenario("lr_far_too_high", "wine", lambda: mlp(13, (32,), 3), "sgd", 8.0, 12, batch_size=16,
+             expected=("update_ratio", "divergence", "exploding_gradients", "nonfinite", "dead_units"), onset=0,
+             recoverable=True, twin={"lr": 0.05}),
+    # ---- faulty: initialization, activations
+    Scenario("deep_sigmoid_vanishing", "digits", _digits_mlp(nn.Sigmoid, (64,) * 8), "sgd", 0.1, 3,
+             expected=("vanishing_gradients",), onset=0),
+    Scenario("tanh_normal_init", "digits", _digits_mlp(nn.Tanh, (128, 64)), "momentum", 0.02, 3, init=init_normal(1.0),
+             expected=("saturated_activations",), onset=0, kind="early", recoverable=True),
+    Scenario("relu_negative_bias", "digits", _digits_mlp(), "momentum", 0.05, 2, init=first_bias(-4.0),
+             expected=("dead_units",), onset=0, kind="early", recoverable=True),
+    Scenario("cnn_bn_dead_units", "digits_img", cnn_bn, "adam", 3e-3, 6, batch_size=32, init=bn_shift(-3.0),
+             expected=("dead_units",), onset=0, kind="early", recoverable=True),
+    Scenario("deep_relu_normal_init", "digits", _digits_mlp(nn.ReLU, (128,) * 5), "adam", 1e-3, 3,
+             init=init_normal(1.0), expected=("poor_initialization",), onset=0, kind="early", recoverable=True),
+    # ---- faulty: data, optimizer setup, generalization
+    Scenario("digits_raw_pixels", "digits_raw", _digits_mlp(), "adam", 1e-3, 2,
+             expected=("unnormalized_inputs",), onset=0, kind="early"),
+    Scenario("cancer_raw_features", "cancer_raw", lambda: mlp(30, (64, 32), 2), "adam", 1e-3, 3, batch_size=32,
+             expected=("unnormalized_inputs",), onset=0, kind="early"),
+    Scenario("lr_far_too_low", "digits", _digits_mlp(), "adam", 1e-7, 12,
+             expected=("loss_plateau", "update_ratio"), onset=0),
+    Scenario("detached_first_layer", "digits", _digits_mlp(), "adam", 1e-3, 2, faults=Faults(detach_first=True),
+             expected=("frozen_weights",), onset=0),
+    Scenario("first_layer_lr_zero", "digits", _digits_mlp(), "adam", 1e-3, 2, faults=Faults(freeze_first_lr=True),
+             expected=("frozen_weights",), onset=0),
+    Scenario("overfit_small_train_set", "digits_small", _digits_mlp(nn.ReLU, (512, 512)), "adam", 3e-3, 60,
+             batch_size=16, expected=("overfitting",), onset=None, recoverable=True),
     # ---- healthy
     Scenario("healthy_mlp_momentum", "digits", _digits_mlp(), "momentum", 0.05, 5),
-    Scenario(
-        "healthy_mlp_adam_warmup_cosine", "digits", _digits_mlp(), "adam", 3e-3, 5, schedule="warmup_cosine"
-    ),
+    Scenario("healthy_mlp_adam_warmup_cosine", "digits", _digits_mlp(), "adam", 3e-3, 5, schedule="warmup_cosine"),
     Scenario("healthy_cnn_bn_small_batches", "digits_img", cnn_bn, "adam", 2e-3, 1, batch_size=8),
     Scenario("healthy_gru_adam", "seq", lambda: Recurrent("gru"), "adam", 3e-3, 4),
-    Scenario(
-        "healthy_transformer_warmup_cosine",
-        "seq",
-        TinyTransformer,
-        "adamw",
-        1e-3,
-        4,
-        schedule="warmup_cosine",
-    ),
-    Scenario(
-        "healthy_wine_steplr",
-        "wine",
-        lambda: mlp(13, (32,), 3),
-        "momentum",
-        0.02,
-        30,
-        batch_size=16,
-        schedule="step",
-    ),
-    Scenario(
-        "healthy_cancer_tanh_small_batches",
-        "cancer",
-        lambda: mlp(30, (32, 16), 2, nn.Tanh),
-        "sgd",
-        0.02,
-        3,
-        batch_size=8,
-    ),
+    Scenario("healthy_transformer_warmup_cosine", "seq", TinyTransformer, "adamw", 1e-3, 4, schedule="warmup_cosine"),
+    Scenario("healthy_wine_steplr", "wine", lambda: mlp(13, (32,), 3), "momentum", 0.02, 30, batch_size=16,
+             schedule="step"),
+    Scenario("healthy_cancer_tanh_small_batches", "cancer", lambda: mlp(30, (32, 16), 2, nn.Tanh), "sgd", 0.02, 3,
+             batch_size=8),
     Scenario("healthy_mlp_onecycle", "digits", _digits_mlp(), "sgd", 0.2, 4, schedule="onecycle"),
 ]
+# fmt: on
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -578,6 +380,11 @@ class Result:
         return min(steps) - s.onset
 
 
+def fault_free(s: Scenario) -> Scenario:
+    """The same training without its fault: the healthy reference a repair should reach."""
+    return replace(s, name=s.name + "_twin", faults=Faults(), init=None, expected=(), **s.twin)
+
+
 def run(
     s: Scenario,
     seed: int = 0,
@@ -586,7 +393,10 @@ def run(
     trainer_kwargs: dict[str, Any] | None = None,
     root: str = "/tmp/gradwatch-zoo",
 ) -> Result:
-    """Train one scenario; ``monitor`` defaults to ``HealthMonitor(remedies="off")``."""
+    """Train one scenario, then validate the weights it ends with.
+
+    ``monitor`` defaults to ``HealthMonitor(remedies="off")``; ``False`` trains without gradwatch.
+    """
     pl.seed_everything(seed, verbose=False)
     (xt, yt), (xv, yv) = DATA[s.data]()
     g = torch.Generator().manual_seed(seed)
@@ -614,15 +424,17 @@ def run(
     )
     kw.update(trainer_kwargs or {})
     cbs = [monitor] if isinstance(monitor, pl.Callback) else []
+    if s.val_every < 1:
+        kw["val_check_interval"] = s.val_every
     trainer = pl.Trainer(callbacks=cbs + list(callbacks or []), **kw)
     t0 = time.perf_counter()
     trainer.fit(module, train, val)
     seconds = time.perf_counter() - t0
-    metrics = trainer.callback_metrics
+    (metrics,) = trainer.validate(module, val, verbose=False)  # the weights the run ends with
     val_loss = float(metrics.get("val_loss", math.nan))
     val_acc = float(metrics.get("val_acc", math.nan))
-    findings = list(getattr(monitor, "findings", []))
-    actions = list(getattr(monitor, "actions", []))
+    findings = list(getattr(monitor, "findings", None) or [])
+    actions = list(getattr(monitor, "actions", None) or [])
     return Result(s, findings, actions, val_loss, val_acc, trainer.global_step, seconds)
 
 

@@ -83,7 +83,8 @@ class HealthMonitor(pl.Callback):
         name: tells two monitors in one trainer apart in checkpoints.
         print_summary: log the one-screen summary when fit ends.
         alerts: more alert targets: http(s) URLs and/or callables taking the payload dict.
-        snapshot_every: with ``rollback`` on, keep a healthy state in host memory every this many steps.
+        snapshot_every: with ``rollback`` on, keep a healthy state in host memory at most every this many
+            steps (and never more often than keeps copying under 1% of the training time).
         snapshots: how many such states to keep (memory: this many copies of model + optimizer state).
 
     Raises:
@@ -110,7 +111,7 @@ class HealthMonitor(pl.Callback):
         val_loss_key: str | None = None,
         name: str | None = None,
         print_summary: bool = True,
-        snapshot_every: int = 100,
+        snapshot_every: int = 20,
         snapshots: int = 2,
         alerts: Iterable[Target] | None = None,
     ) -> None:
@@ -178,7 +179,9 @@ class HealthMonitor(pl.Callback):
             if self._alert_targets:
                 sinks.append(Alerts(self._alert_targets, run=self.name))
         self._progress.attach(trainer)
-        self.monitor.bind(pl_module, sinks, meta={"run": trainer.log_dir}, context=_context(trainer, pl_module))
+        self.monitor.bind(
+            pl_module, sinks, meta={"run": trainer.log_dir}, context=_context(trainer, pl_module)
+        )
         self.monitor.setup = describe_setup(trainer, pl_module)
         if trainer.is_global_zero:
             log.info(format_setup(self.monitor.setup))

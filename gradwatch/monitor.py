@@ -33,6 +33,7 @@ from gradwatch.findings import Action, Finding
 from gradwatch.probes import ActivationProbe, GradientProbe, ParamLayout, WeightProbe, input_stats
 from gradwatch.probes.activations import FIELDS
 from gradwatch.remedies import (
+    LADDER,
     BestWeights,
     ClipGradients,
     Context,
@@ -44,14 +45,17 @@ from gradwatch.remedies import (
     Snapshots,
     resolve_remedies,
 )
-from gradwatch.setups import needs_automatic_loop_message
 from gradwatch.schedules import Schedule, as_schedule
+from gradwatch.setups import needs_automatic_loop_message
 from gradwatch.sinks import Sink, build_summary
 from gradwatch.stats import ActivationStats, InputStats, Stats, StepRecord, Transfer
 
 STATE_VERSION = 1
 
 log = logging.getLogger("gradwatch")
+
+#: Rules whose findings a rollback makes moot: they describe the state it just discarded.
+ROLLED_BACK_PAST = ("exploding_gradients", "divergence", "update_ratio", "gradient_spike", "loss_spike")
 
 #: Rows kept on device before a flush is forced, whatever the schedule says.
 MAX_PENDING_ROWS = 1024
@@ -94,7 +98,7 @@ class Monitor:
         update_ratio: bool = True,
         detectors: Iterable[Detector] | None = None,
         print_summary: bool = True,
-        snapshot_every: int = 100,
+        snapshot_every: int = 20,
         snapshots: int = 2,
     ) -> None:
         self.schedule: Schedule = as_schedule("every_n_steps", every_n_steps, 20)
@@ -163,7 +167,7 @@ class Monitor:
         self.lr = LRControl()
         self.snapshots = Snapshots(
             keep=check_positive_int("snapshots", snapshots, 2),
-            every_n_steps=check_positive_int("snapshot_every", snapshot_every, 100),
+            every_n_steps=check_positive_int("snapshot_every", snapshot_every, 20),
         )
         self.best = BestWeights()
         self.skip = self._remedy(SkipStep)
@@ -179,7 +183,11 @@ class Monitor:
 
     # ------------------------------------------------------------------ binding
     def bind(
-        self, model: nn.Module, sinks: list[Sink], meta: dict[str, Any] | None = None, context: Context | None = None
+        self,
+        model: nn.Module,
+        sinks: list[Sink],
+        meta: dict[str, Any] | None = None,
+        context: Context | None = None,
     ) -> None:
         """Attach to ``model`` (parameters, modules) and open ``sinks`` for a run.
 
@@ -188,6 +196,10 @@ class Monitor:
         """
         self.unbind()
         self.context = context
+        if self.skip is not None:
+            self.skip.bind(model)
+        if context is not None:
+            self.lr.attach(context.optimizers(), context.schedulers())
         self._layout = ParamLayout(model)
         self._grads = GradientProbe(self._layout)
         self._weights = WeightProbe(self._layout)
@@ -201,6 +213,7 @@ class Monitor:
 
     def unbind(self) -> None:
         """Remove every hook and drop per-run device state. Safe to call more than once."""
+        self.lr.detach()
         if self._acts is not None:
             self._acts.remove()
         if self._weights is not None:
@@ -222,10 +235,11 @@ class Monitor:
 
     # ------------------------------------------------------------------ per step
     def batch_start(self, step: int, batch: Any) -> None:
-        """Before the forward: apply the LR multiplier; on a scheduled step's first batch, attach activation
-        hooks and read inputs."""
+        """Before the forward: keep the buffers for skip_step; on a scheduled step's first batch, attach
+        activation hooks and read inputs."""
         if self.context is not None:
-            self.lr.apply(self.context.optimizers())
+            if self.skip is not None and self._loss_n == 0 and self._row is None:
+                self.skip.save_buffers()  # the first batch of an optimizer step
         if not self.schedule(step) or self._probed_step == step:
             return
         self._probed_step = step
@@ -288,11 +302,8 @@ class Monitor:
         """After the batch: add its loss; if an optimizer step ran, record it, and read on a scheduled step.
 
         ``loss_scale`` is the GradScaler's scale tensor after the step: lower than before means the scaler
-        found an Inf/NaN gradient and skipped the step (compared on device, no read). The LR multiplier
-        is taken back out first, so that schedulers stepping after the batch see their own learning rate.
+        found an Inf/NaN gradient and skipped the step (compared on device, no read).
         """
-        if self.context is not None:
-            self.lr.unapply(self.context.optimizers())
         if self._acts is not None and self._acts.attached:
             self._acts.detach()
             names, kinds, acts = self._acts.collect()
@@ -415,7 +426,13 @@ class Monitor:
 
     # ------------------------------------------------------------------ remedies
     def _repair_gradients(
-        self, step: int, epoch: int, params: list[torch.Tensor], sq: torch.Tensor, count: torch.Tensor, scaled: bool
+        self,
+        step: int,
+        epoch: int,
+        params: list[torch.Tensor],
+        sq: torch.Tensor,
+        count: torch.Tensor,
+        scaled: bool,
     ) -> None:
         """Per-step remedies, before the optimizer steps: skip a non-finite step, clip adaptively."""
         ctx = self.context
@@ -427,6 +444,7 @@ class Monitor:
             if skip:
                 for p in params:
                     p.grad = None  # torch optimizers leave parameters without a gradient untouched
+                self.skip.restore_buffers()
                 self._step_actions.append(self.skip.skipped(step, epoch, norm, bad))
                 if self.skip.consecutive >= self.skip.max_consecutive and self.rollback is not None:
                     finding = self.rollback.escalation(step, epoch, self.skip.consecutive)
@@ -444,10 +462,15 @@ class Monitor:
         """Let the remedies answer new warning/critical findings, in ladder order; one action per finding."""
         if self.context is None:
             return
+        rolled_back = False
         for finding in findings:
-            if finding.severity == "info":
-                continue
-            answering = [r for r in self.remedies if finding.rule in r.answers]
+            if finding.severity == "info" or (rolled_back and finding.rule in ROLLED_BACK_PAST):
+                continue  # a rollback in this read already went back past what these findings saw
+            order = LADDER.get(finding.rule, ())
+            answering = sorted(
+                (r for r in self.remedies if finding.rule in r.answers),
+                key=lambda r: order.index(r.name) if r.name in order else len(order),
+            )
             acted = False
             for remedy in answering:
                 if remedy.needs_automatic_loop and not self.context.automatic:
@@ -459,6 +482,7 @@ class Monitor:
                 if action is not None:
                     self.record_action(action)
                     acted = True
+                    rolled_back = rolled_back or action.remedy == "rollback"
                     break
             spent = answering and all(r.spent for r in answering)
             if not acted and spent and finding.severity == "critical" and self.early_stop is not None:
@@ -481,13 +505,12 @@ class Monitor:
             sev != "info" for d in self.detectors for sev in getattr(d, "active", {}).values()
         ):
             return
-        if self.last_stats is not None and any(not math.isfinite(v) for v in self.last_stats.weight_norm.values()):
+        if self.last_stats is not None and any(
+            not math.isfinite(v) for v in self.last_stats.weight_norm.values()
+        ):
             return
-        applied = self.lr.applied
-        self.lr.unapply(self.context.optimizers())  # snapshots hold the schedulers' own learning rates
-        self.snapshots.take(step, self.context)
-        if applied:
-            self.lr.apply(self.context.optimizers())
+        lr = self.last_stats.steps[-1].lr if self.last_stats and self.last_stats.steps else None
+        self.snapshots.take(step, self.context, lr if lr is not None else math.nan, self.lr.applied)
 
     def unit_activity(self, module: str | None) -> torch.Tensor | None:
         """Per-unit activity of ``module`` at the last sampled step (device vector), for remedies."""

@@ -81,9 +81,7 @@ def test_custom_scalars_group_each_block_and_actions_are_text(tmp_path, loaders)
     config = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(config)
     categories = {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart} for c in layout.category}
-    assert {"gradwatch", "gradwatch block: net", "gradwatch block: head"} <= set(
-        categories
-    )
+    assert {"gradwatch", "gradwatch block: net", "gradwatch block: head"} <= set(categories)
     tags = acc.Tags()["scalars"]
 
     def matched(regexes):

@@ -1,6 +1,7 @@
 """Detectors judge statistics and return findings; one rule per module.
 
-Importing this package registers every rule in :data:`REGISTRY`, in this order.
+Importing this package registers every rule in :data:`REGISTRY`; the default set runs them in the
+order of :data:`gradwatch.findings.RULES`.
 """
 
 from gradwatch.detectors.base import REGISTRY, Detector
@@ -18,11 +19,12 @@ from gradwatch.detectors.saturated_activations import SaturatedActivations
 from gradwatch.detectors.unnormalized_inputs import UnnormalizedInputs
 from gradwatch.detectors.update_ratio import UpdateRatio
 from gradwatch.detectors.vanishing_gradients import VanishingGradients
+from gradwatch.findings import RULES
 
 
 def default_detectors() -> list[Detector]:
-    """A fresh instance of every implemented rule, with its default thresholds, in registry order."""
-    return [cls() for cls in REGISTRY.values()]
+    """A fresh instance of every implemented rule, with its default thresholds, in contract order."""
+    return [REGISTRY[rule]() for rule in RULES if rule in REGISTRY]
 
 
 __all__ = [

@@ -16,13 +16,15 @@ class Overfitting(Detector):
     Formula: on each validation, ``V`` = validation loss, ``V_best`` its minimum so far and ``T_best``
     the smoothed training loss (EMA alpha 0.9) at that time. Fires when ``V >= V_best * (1 + margin)``
     (margin 0.1, SageMaker's 10% gap) and the training loss is below ``T_best`` on ``patience`` (2)
-    consecutive validations. Evidence includes the generalization gap ``(V - T) / T``.
+    consecutive validations, while training is really progressing (``T`` below 90% of its level at the
+    first validation) — a diverging run's validation loss also rises, and that is not overfitting.
+    Evidence includes the generalization gap ``(V - T) / T``.
 
     Severity: warning. Evidence: val_loss, val_best, train_loss, gap, validations.
     """
 
     rule = "overfitting"
-    state_fields = ("train", "val_best", "train_at_best", "streak")
+    state_fields = ("train", "val_best", "train_at_best", "train_first", "streak")
     advice = (
         "Validation loss is rising while training loss keeps falling: the model is memorizing the training "
         "set. Stop early and keep the best weights, add regularization (dropout, weight decay, data "
@@ -35,6 +37,7 @@ class Overfitting(Detector):
         self.train = EMA(0.9)
         self.val_best = math.inf
         self.train_at_best = math.inf
+        self.train_first: float | None = None
         self.streak = 0
 
     def check(self, step: int, stats: Stats) -> list[Finding]:
@@ -45,13 +48,16 @@ class Overfitting(Detector):
         if v is None or not math.isfinite(v) or self.train.n == 0:
             return []
         t = self.train.mean
+        if self.train_first is None:
+            self.train_first = t
         if v < self.val_best:
             self.val_best, self.train_at_best = v, t
             self.streak = 0
             return self.resolve(
                 "overfit", step, stats.epoch, None, f"validation loss improving again: {v:.4g}"
             )
-        overfit = v >= self.val_best * (1 + self.margin) and t < self.train_at_best
+        progressing = t < 0.9 * self.train_first
+        overfit = v >= self.val_best * (1 + self.margin) and t < self.train_at_best and progressing
         self.streak = self.streak + 1 if overfit else 0
         if self.streak < self.patience:
             return []

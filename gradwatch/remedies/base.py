@@ -98,7 +98,7 @@ def resolve_remedies(remedies: Any) -> list[Remedy]:
     hint = 'Write remedies="auto", remedies="off", or a list such as remedies=["skip_step"].'
     if isinstance(remedies, str):
         if remedies == "auto":
-            return [cls() for cls in REGISTRY.values()]
+            return [REGISTRY[name]() for name in REMEDIES if name in REGISTRY]
         if remedies == "off":
             return []
         raise ConfigError(

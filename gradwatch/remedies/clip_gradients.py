@@ -32,7 +32,9 @@ class ClipGradients(Remedy):
         super().__init__(**kw)
         self.z = check_threshold("ClipGradients", "z", z, example=2.5)
         self.alpha = check_threshold("ClipGradients", "alpha", alpha, example=0.97)
-        self.warmup_steps = int(check_threshold("ClipGradients", "warmup_steps", warmup_steps, low=-1, example=25))
+        self.warmup_steps = int(
+            check_threshold("ClipGradients", "warmup_steps", warmup_steps, low=-1, example=25)
+        )
         self.n = 0
         self._mean: torch.Tensor | None = None
         self._var: torch.Tensor | None = None

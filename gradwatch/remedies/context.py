@@ -8,6 +8,7 @@ the ring of healthy snapshots in host memory (:class:`Snapshots`) and the best w
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,52 +64,74 @@ def _nbytes(obj: Any) -> int:
 class LRControl:
     """A multiplier on every optimizer's learning rate that survives any LR scheduler.
 
-    The scheduler always sees its own learning rate: :meth:`apply` multiplies each param group's ``lr``
-    by the multiplier when a batch starts and :meth:`unapply` divides it back when the batch ends,
-    before Lightning steps the schedulers. The optimizer steps with ``scheduler_lr * multiplier``;
-    closed-form (LambdaLR, cosine), recursive (StepLR) and metric-driven (ReduceLROnPlateau)
-    schedulers all keep their own arithmetic, and checkpoints hold the scheduler's view plus the
-    multiplier (in the monitor's state).
+    The optimizers' learning rates always include the multiplier (``applied``). Each LR scheduler's
+    ``step`` is wrapped: the multiplier is divided out before the scheduler computes (so closed-form
+    LambdaLR/cosine/OneCycle, recursive StepLR and metric-driven ReduceLROnPlateau all see and keep
+    their own learning rate) and multiplied back in after. This works whoever steps the scheduler:
+    Lightning (after the optimizer step, before ``on_train_batch_end``), or the user under manual
+    optimization. Checkpoints hold optimizer learning rates with the multiplier in; the monitor's state
+    holds the multiplier, so a resumed run continues exactly.
     """
 
     def __init__(self) -> None:
         self.multiplier = 1.0
-        self._applied: float | None = None
+        self.applied = 1.0  # what the optimizers' learning rates currently include
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._wrapped: list[Any] = []
+        self._loaded = False
 
-    @property
-    def applied(self) -> bool:
-        """Whether the optimizers' learning rates currently include the multiplier."""
-        return self._applied is not None
+    def attach(self, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]) -> None:
+        """Take charge of a run's optimizers and schedulers; apply the multiplier."""
+        self.detach()
+        if not self._loaded:
+            self.applied = 1.0  # fresh optimizers: their learning rates are the schedulers' own
+        self._loaded = False
+        self._optimizers = list(optimizers)
+        for sched in schedulers:
+            original = sched.step
 
-    def apply(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        if self._applied is not None or self.multiplier == 1.0:
+            def step(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                self._set(1.0)
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self._set(self.multiplier)
+
+            sched.step = step
+            self._wrapped.append(sched)
+        self._set(self.multiplier)
+
+    def detach(self) -> None:
+        """Give the schedulers their own ``step`` back (the learning rates keep the multiplier)."""
+        for sched in self._wrapped:
+            sched.__dict__.pop("step", None)
+        self._wrapped = []
+
+    def _set(self, target: float) -> None:
+        if target == self.applied:
             return
-        for opt in optimizers:
+        for opt in self._optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["lr"] * self.multiplier
-        self._applied = self.multiplier
+                group["lr"] = group["lr"] / self.applied * target
+        self.applied = target
 
-    def unapply(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        if self._applied is None:
-            return
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["lr"] / self._applied
-        self._applied = None
-
-    def scale(self, factor: float, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Multiply the multiplier by ``factor``, effective at once (also mid-batch)."""
-        was = self._applied
-        self.unapply(optimizers)
+    def scale(self, factor: float) -> None:
+        """Multiply the multiplier by ``factor``, effective at once."""
         self.multiplier *= factor
-        if was is not None:
-            self.apply(optimizers)
+        self._set(self.multiplier)
+
+    def restored(self, applied: float) -> None:
+        """The optimizers were just loaded from a state whose learning rates include ``applied``."""
+        self.applied = applied
+        self._set(self.multiplier)
 
     def state(self) -> dict[str, float]:
-        return {"multiplier": self.multiplier}
+        return {"multiplier": self.multiplier, "applied": self.applied}
 
     def load(self, state: dict[str, Any]) -> None:
         self.multiplier = float(state.get("multiplier", 1.0))
+        self.applied = float(state.get("applied", self.multiplier))
+        self._loaded = True  # the optimizers restored with this checkpoint include ``applied``
 
 
 @dataclass
@@ -119,21 +142,38 @@ class Snapshot:
     schedulers: list[dict[str, Any]]
     scaler: dict[str, Any] | None
     nbytes: int = 0
+    lr: float = float("nan")  # the learning rate the first param group stepped with at that time
+    lr_applied: float = 1.0  # the gradwatch multiplier included in the optimizers' learning rates
 
 
 @dataclass
 class Snapshots:
-    """A ring of the last ``keep`` healthy states (model, optimizers, schedulers, scaler) in host memory."""
+    """A ring of the last ``keep`` healthy states (model, optimizers, schedulers, scaler) in host memory.
+
+    At most one every ``every_n_steps`` steps, and never more often than keeps the time spent copying
+    under ``max_overhead`` (1%) of the training time: a snapshot that took ``d`` seconds waits at least
+    ``d / max_overhead`` seconds of training before the next, so large models snapshot less often.
+    """
 
     keep: int = 2
-    every_n_steps: int = 100
+    every_n_steps: int = 20
+    max_overhead: float = 0.01
     ring: list[Snapshot] = field(default_factory=list)
     peak_bytes: int = 0
+    last_seconds: float = 0.0
+    _last_time: float = 0.0
 
     def due(self, step: int) -> bool:
-        return not self.ring or step - self.ring[-1].step >= self.every_n_steps
+        if not self.ring:
+            return True
+        waited = time.perf_counter() - self._last_time
+        return (
+            step - self.ring[-1].step >= self.every_n_steps
+            and waited * self.max_overhead >= self.last_seconds
+        )
 
-    def take(self, step: int, ctx: Context) -> Snapshot:
+    def take(self, step: int, ctx: Context, lr: float = float("nan"), lr_applied: float = 1.0) -> Snapshot:
+        t0 = time.perf_counter()
         snap = Snapshot(
             step=step,
             model=_to_host(ctx.model.state_dict()),
@@ -142,8 +182,11 @@ class Snapshots:
             scaler=_to_host(ctx.scaler.state_dict()) if ctx.scaler is not None else None,
         )
         snap.nbytes = _nbytes([snap.model, snap.optimizers])
+        snap.lr, snap.lr_applied = lr, lr_applied
         self.ring = [*self.ring[-(self.keep - 1) :], snap] if self.keep > 1 else [snap]
         self.peak_bytes = max(self.peak_bytes, sum(s.nbytes for s in self.ring))
+        self._last_time = time.perf_counter()
+        self.last_seconds = self._last_time - t0
         return snap
 
     def restore(self, ctx: Context) -> Snapshot | None:

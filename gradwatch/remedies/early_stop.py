@@ -33,7 +33,11 @@ class EarlyStop(Remedy):
         self.stopped = True
         detail = {"best_val_loss": best.loss, "best_step": best.step, "weights_restored": restored}
         detail.update({k: v for k, v in finding.evidence.items() if k in ("val_loss", "train_loss")})
-        where = f"restored the weights of step {best.step} (val loss {best.loss:.4g})" if restored else "kept the last weights"
+        where = (
+            f"restored the weights of step {best.step} (val loss {best.loss:.4g})"
+            if restored
+            else "kept the last weights"
+        )
         return self.action(finding, f"stopped training and {where}", **detail)
 
     def give_up(self, finding: Finding, tried: list[Action], monitor: Any) -> tuple[Finding, Action] | None:
@@ -48,14 +52,26 @@ class EarlyStop(Remedy):
             counts[a.remedy] = counts.get(a.remedy, 0) + 1
         tried_text = ", ".join(f"{k} x{v}" for k, v in counts.items()) or "nothing could act"
         explain = Finding(
-            finding.rule, Severity.CRITICAL, finding.step, finding.epoch, finding.layer,
+            finding.rule,
+            Severity.CRITICAL,
+            finding.step,
+            finding.epoch,
+            finding.layer,
             f"{finding.rule} persists after gradwatch's remedies were spent ({tried_text}); stopping the run",
             {f"{k}_actions": float(v) for k, v in counts.items()},
             "gradwatch could not repair this run. Read the earlier findings for the cause, fix it (learning rate, "
             "initialization, data), and restart from the last good checkpoint.",
         )
-        action = self.record(Action(self.name, finding.step, finding.rule, {"reason": "remedies exhausted", **counts},
-                                    finding.epoch, f"stopped training: {finding.rule} persists after {tried_text}"))
+        action = self.record(
+            Action(
+                self.name,
+                finding.step,
+                finding.rule,
+                {"reason": "remedies exhausted", **counts},
+                finding.epoch,
+                f"stopped training: {finding.rule} persists after {tried_text}",
+            )
+        )
         return explain, action
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,8 +25,12 @@ def _units_in(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels
 
 
-def reset_optimizer_state(optimizers: list[torch.optim.Optimizer], param: torch.Tensor,
-                          index: torch.Tensor | None = None, dim: int = 0) -> int:
+def reset_optimizer_state(
+    optimizers: list[torch.optim.Optimizer],
+    param: torch.Tensor,
+    index: torch.Tensor | None = None,
+    dim: int = 0,
+) -> int:
     """Zero the optimizer state (moments, momentum) of ``param``, or only of ``index`` along ``dim``.
 
     Returns the number of state tensors touched. Scalar state (Adam's ``step``) is left as is.
@@ -49,9 +53,11 @@ class Reinitialize(Remedy):
     """Re-initialize what a finding names, and reset exactly its optimizer state, before ``max_step``.
 
     - ``dead_units``: the dead units (active on < 1% of samples at the last sample) get fresh incoming
-      weights (He/Kaiming uniform, bias 0) in the Linear/Conv that feeds them, a reset BatchNorm
-      channel if one sits between, and zero outgoing weights in the next Linear/Conv (ReDo, Sokar et al.
-      2023: the network's function is unchanged at the moment of the reset, and the units can learn again).
+      weights (PyTorch's default Kaiming-uniform, bias 0) in the Linear/Conv that feeds them, a reset
+      BatchNorm channel if one sits between, and zero outgoing weights in the next Linear/Conv (ReDo,
+      Sokar et al. 2023: the network's function is unchanged at the moment of the reset, and the units
+      can learn again). When 90% or more of the layer is dead, its outgoing weights are drawn fresh
+      instead: a dead layer passes no signal, and zero outgoing weights would leave it without gradient.
     - ``saturated_activations``: the Linear/Conv feeding the tanh/sigmoid gets Xavier/Glorot weights
       (gain 5/3 for tanh, 1 for sigmoid) and bias 0.
     - ``poor_initialization``: every Linear/Conv gets He (ReLU-family models) or Xavier (tanh/sigmoid
@@ -65,7 +71,9 @@ class Reinitialize(Remedy):
     name = "reinitialize"
     answers = ("dead_units", "saturated_activations", "poor_initialization")
 
-    def __init__(self, max_step: int = 2000, cooldown_steps: int = 0, budget: int = 10, seed: int = 0) -> None:
+    def __init__(
+        self, max_step: int = 2000, cooldown_steps: int = 0, budget: int = 10, seed: int = 0
+    ) -> None:
         super().__init__(cooldown_steps=cooldown_steps, budget=budget)
         self.max_step = check_positive_int("Reinitialize(max_step=...)", max_step, 2000)
         self.seed = seed
@@ -77,7 +85,9 @@ class Reinitialize(Remedy):
         if ctx is None or finding.step > self.max_step:
             return None
         key = f"{finding.rule}:{finding.layer}"
-        if key in self.done or (finding.rule == "poor_initialization" and any(k.startswith("poor") for k in self.done)):
+        if key in self.done or (
+            finding.rule == "poor_initialization" and any(k.startswith("poor") for k in self.done)
+        ):
             return None
         gen = torch.Generator().manual_seed(self.seed + finding.step)
         modules = list(ctx.model.named_modules())
@@ -95,7 +105,9 @@ class Reinitialize(Remedy):
         what = detail.pop("what")
         return self.action(finding, f"re-initialized {what}", **detail)
 
-    def _producer(self, name: str | None, modules: list[tuple[str, nn.Module]]) -> tuple[int, str, nn.Module] | None:
+    def _producer(
+        self, name: str | None, modules: list[tuple[str, nn.Module]]
+    ) -> tuple[int, str, nn.Module] | None:
         """The Linear/Conv at or before module ``name``."""
         idx = next((i for i, (n, _) in enumerate(modules) if n == name), None)
         if idx is None:
@@ -106,8 +118,14 @@ class Reinitialize(Remedy):
                 return i, n, m
         return None
 
-    def _dead(self, layer: str | None, modules: list[tuple[str, nn.Module]], monitor: Any,
-              optimizers: list[torch.optim.Optimizer], gen: torch.Generator) -> dict[str, Any] | None:
+    def _dead(
+        self,
+        layer: str | None,
+        modules: list[tuple[str, nn.Module]],
+        monitor: Any,
+        optimizers: list[torch.optim.Optimizer],
+        gen: torch.Generator,
+    ) -> dict[str, Any] | None:
         activity = monitor.unit_activity(layer)
         found = self._producer(layer, modules)
         if activity is None or found is None:
@@ -135,13 +153,25 @@ class Reinitialize(Remedy):
             if bn.running_mean is not None:
                 bn.running_mean.index_fill_(0, d, 0.0)
                 bn.running_var.index_fill_(0, d, 1.0)
-            touched += reset_optimizer_state(optimizers, bn.weight, dead) + reset_optimizer_state(optimizers, bn.bias, dead)
-        consumer = next((m for _, m in modules[i + 1 :] if isinstance(m, _WEIGHTED) and _units_in(m) == units), None)
+            touched += reset_optimizer_state(optimizers, bn.weight, dead) + reset_optimizer_state(
+                optimizers, bn.bias, dead
+            )
+        consumer = next(
+            (m for _, m in modules[i + 1 :] if isinstance(m, _WEIGHTED) and _units_in(m) == units), None
+        )
+        whole = dead.numel() >= 0.9 * units
         if consumer is not None:
-            consumer.weight.index_fill_(1, dead.to(consumer.weight.device), 0.0)
-            touched += reset_optimizer_state(optimizers, consumer.weight, dead, dim=1)
+            cw = consumer.weight
+            if whole:  # the layer carried no signal: zero outgoing weights would cut the path for good
+                out = torch.empty_like(cw, device="cpu")
+                nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=gen)
+                cw.index_copy_(1, dead.to(cw.device), out.index_select(1, dead).to(cw.device, cw.dtype))
+            else:  # ReDo: the function is unchanged at the moment of the reset
+                cw.index_fill_(1, dead.to(cw.device), 0.0)
+            touched += reset_optimizer_state(optimizers, cw, dead, dim=1)
         return {
-            "what": f"{dead.numel()} dead unit(s) of {units} in {name} (fresh incoming weights, zero outgoing)",
+            "what": f"{dead.numel()} dead unit(s) of {units} in {name} (fresh incoming weights, "
+            + ("fresh outgoing)" if whole else "zero outgoing)"),
             "layer": name,
             "units": int(dead.numel()),
             "of": units,
@@ -149,8 +179,13 @@ class Reinitialize(Remedy):
             "optimizer_tensors_reset": touched,
         }
 
-    def _saturated(self, layer: str | None, modules: list[tuple[str, nn.Module]],
-                   optimizers: list[torch.optim.Optimizer], gen: torch.Generator) -> dict[str, Any] | None:
+    def _saturated(
+        self,
+        layer: str | None,
+        modules: list[tuple[str, nn.Module]],
+        optimizers: list[torch.optim.Optimizer],
+        gen: torch.Generator,
+    ) -> dict[str, Any] | None:
         found = self._producer(layer, modules)
         if found is None:
             return None
@@ -160,23 +195,37 @@ class Reinitialize(Remedy):
         before = float(producer.weight.detach().float().std())  # sync: acting, rare
         touched = self._fresh(producer, optimizers, gen, xavier=True, gain=gain)
         after = float(producer.weight.detach().float().std())  # sync: acting, rare
-        return {"what": f"{name} with Xavier weights (gain {gain:.3g})", "layer": name, "weight_std_before": before,
-                "weight_std_after": after, "optimizer_tensors_reset": touched}
+        return {
+            "what": f"{name} with Xavier weights (gain {gain:.3g})",
+            "layer": name,
+            "weight_std_before": before,
+            "weight_std_after": after,
+            "optimizer_tensors_reset": touched,
+        }
 
-    def _all(self, modules: list[tuple[str, nn.Module]], optimizers: list[torch.optim.Optimizer],
-             gen: torch.Generator) -> dict[str, Any] | None:
+    def _all(
+        self,
+        modules: list[tuple[str, nn.Module]],
+        optimizers: list[torch.optim.Optimizer],
+        gen: torch.Generator,
+    ) -> dict[str, Any] | None:
         weighted = [(n, m) for n, m in modules if isinstance(m, _WEIGHTED)]
         if not weighted:
             return None
         xavier = any(kind_of(m) in ("tanh", "sigmoid") for _, m in modules)
         touched = sum(self._fresh(m, optimizers, gen, xavier=xavier, gain=1.0) for _, m in weighted)
         scheme = "Xavier" if xavier else "He"
-        return {"what": f"{len(weighted)} Linear/Conv layers with {scheme} initialization", "layers": len(weighted),
-                "scheme": scheme, "optimizer_tensors_reset": touched}
+        return {
+            "what": f"{len(weighted)} Linear/Conv layers with {scheme} initialization",
+            "layers": len(weighted),
+            "scheme": scheme,
+            "optimizer_tensors_reset": touched,
+        }
 
     @staticmethod
-    def _fresh(m: nn.Module, optimizers: list[torch.optim.Optimizer], gen: torch.Generator, xavier: bool,
-               gain: float) -> int:
+    def _fresh(
+        m: nn.Module, optimizers: list[torch.optim.Optimizer], gen: torch.Generator, xavier: bool, gain: float
+    ) -> int:
         fresh = torch.empty_like(m.weight, device="cpu")
         if xavier:
             nn.init.xavier_uniform_(fresh, gain=gain, generator=gen)

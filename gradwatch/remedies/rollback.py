@@ -12,9 +12,12 @@ from gradwatch.remedies.reduce_lr import first_lr
 
 class Rollback(Remedy):
     """Load the newest healthy snapshot (model, optimizers, schedulers, scaler), then multiply the LR by
-    ``lr_factor`` (0.5).
+    ``lr_factor`` (0.5) after non-finite failures, or by ``divergence_lr_factor`` (0.1) after a
+    divergence — the practitioner's "restart from the last good checkpoint with a 10x lower LR" — or by
+    more, down to the learning rate the snapshot was taken with, when a schedule has raised it since
+    (the schedule resumes from the snapshot, so the step that raised it comes again, lower).
 
-    Snapshots are taken by the monitor every ``snapshot_every`` (100) steps on reads with no warning or
+    Snapshots are taken by the monitor every ``snapshot_every`` (20) steps on reads with no warning or
     critical finding and no open episode, copied to host memory, ``keep`` (2) of them; their size is in
     the summary. Answers non-finite *weights* (the model is corrupted), repeated non-finite steps (after
     ``skip_step`` skipped ``max_consecutive`` in a row) and ``divergence``. The snapshot used is the newest
@@ -25,9 +28,19 @@ class Rollback(Remedy):
     name = "rollback"
     answers = ("nonfinite", "divergence")
 
-    def __init__(self, lr_factor: float = 0.5, margin: int = 20, cooldown_steps: int = 10, budget: int = 5) -> None:
+    def __init__(
+        self,
+        lr_factor: float = 0.5,
+        divergence_lr_factor: float = 0.1,
+        margin: int = 20,
+        cooldown_steps: int = 10,
+        budget: int = 5,
+    ) -> None:
         super().__init__(cooldown_steps=cooldown_steps, budget=budget)
         self.lr_factor = check_threshold("Rollback", "lr_factor", lr_factor, example=0.5)
+        self.divergence_lr_factor = check_threshold(
+            "Rollback", "divergence_lr_factor", divergence_lr_factor, example=0.1
+        )
         self.margin = int(check_threshold("Rollback", "margin", margin, low=-1, example=20))
 
     def respond(self, finding: Finding, monitor: Any) -> Action | None:
@@ -43,29 +56,42 @@ class Rollback(Remedy):
         while len(snaps.ring) > 1 and snaps.ring[-1].step > finding.step - self.margin:
             snaps.ring.pop()
         before = first_lr(monitor)
-        applied = monitor.lr.applied
-        monitor.lr.unapply(ctx.optimizers())  # snapshots hold the schedulers' own learning rates
         snap = snaps.restore(ctx)
+        monitor.lr.restored(snap.lr_applied)  # the restored optimizers hold the multiplier of that time
         for p in ctx.model.parameters():
             p.grad = None  # nothing of the bad step leaks into the next one
-        lowered = ctx.automatic and self.lr_factor < 1
+        factor = self.lr_factor
+        if finding.rule == "divergence":
+            factor = self.divergence_lr_factor
+            if before > 0 and snap.lr > 0:  # the LR the snapshot was healthy with, if the schedule rose since
+                factor = min(factor, snap.lr / before)
+        lowered = factor < 1
         if lowered:
-            monitor.lr.multiplier *= self.lr_factor
-        if applied:
-            monitor.lr.apply(ctx.optimizers())
+            monitor.lr.scale(factor)
         after = first_lr(monitor)
         message = (
             f"restored the state of step {snap.step} ({snap.nbytes / 2**20:.1f} MiB from host memory)"
-            + (f" and lowered the learning rate {1 / self.lr_factor:.3g}x" if lowered else "")
+            + (f" and lowered the learning rate {1 / factor:.3g}x" if lowered else "")
         )
-        return self.action(finding, message, restored_step=snap.step, lr_before=before, lr_after=after,
-                           snapshot_mib=snap.nbytes / 2**20)
+        return self.action(
+            finding,
+            message,
+            restored_step=snap.step,
+            lr_before=before,
+            lr_after=after,
+            snapshot_mib=snap.nbytes / 2**20,
+        )
 
     def escalation(self, step: int, epoch: int, skipped: int) -> Finding:
         """The finding a run of skipped steps raises when it asks for a rollback."""
-        return Finding("nonfinite", Severity.CRITICAL, step, epoch, None,
-                       f"{skipped} optimizer steps in a row had non-finite gradients; skipping is not enough",
-                       {"consecutive_skips": float(skipped)},
-                       "Training keeps producing NaN/Inf gradients: the weights or optimizer state are likely "
-                       "corrupted. gradwatch rolls back to the last healthy state and lowers the learning rate.")
-
+        return Finding(
+            "nonfinite",
+            Severity.CRITICAL,
+            step,
+            epoch,
+            None,
+            f"{skipped} optimizer steps in a row had non-finite gradients; skipping is not enough",
+            {"consecutive_skips": float(skipped)},
+            "Training keeps producing NaN/Inf gradients: the weights or optimizer state are likely "
+            "corrupted. gradwatch rolls back to the last healthy state and lowers the learning rate.",
+        )

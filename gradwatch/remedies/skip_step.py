@@ -22,6 +22,10 @@ class SkipStep(Remedy):
     schedulers stay in step. Under an fp16 GradScaler the scaler already skips such steps (and
     calibrates its scale with them), so this remedy stands aside there; under bf16 nothing else would.
 
+    A NaN batch also poisons BatchNorm's running statistics in its forward pass, before any gradient
+    exists; so at the start of each step the model's floating-point buffers are copied on device
+    (``torch._foreach_copy_``, no host sync; buffers are small) and put back when the step is skipped.
+
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
     monitor escalates to ``rollback`` when it is enabled.
     """
@@ -33,10 +37,28 @@ class SkipStep(Remedy):
         super().__init__(cooldown_steps=cooldown_steps, budget=budget)
         self.max_consecutive = check_positive_int("SkipStep(max_consecutive=...)", max_consecutive, 3)
         self.consecutive = 0
+        self._buffers: list[torch.Tensor] | None = None
+        self._saved: list[torch.Tensor] = []
+
+    def bind(self, model: torch.nn.Module) -> None:
+        self._buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self._saved = [b.detach().clone() for b in self._buffers]
+
+    def save_buffers(self) -> None:
+        """At the start of a step: keep the buffers (BatchNorm running statistics) as they are."""
+        if self._buffers:
+            torch._foreach_copy_(self._saved, self._buffers)
+
+    def restore_buffers(self) -> None:
+        """On a skipped step: undo what its forward pass did to the buffers."""
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._saved)
 
     def decide(self, count: torch.Tensor, sq: torch.Tensor, reduce_any: Any) -> tuple[bool, float, int]:
         """Whether to skip, from the step's non-finite count; returns ``(skip, grad_norm, nonfinite)``."""
-        n, norm_sq = torch.stack([count.float(), sq.float()]).tolist()  # sync: the skip decision is needed now
+        n, norm_sq = torch.stack(
+            [count.float(), sq.float()]
+        ).tolist()  # sync: the skip decision is needed now
         skip = reduce_any(n > 0)
         self.consecutive = self.consecutive + 1 if skip else 0
         return skip, norm_sq**0.5 if norm_sq >= 0 else float("nan"), int(n)
