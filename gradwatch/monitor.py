@@ -439,7 +439,9 @@ class Monitor:
         if ctx is None:
             return
         watched = [p for p in params if p.grad is not None and id(p) in self._layout.index_of]
-        if self.skip is not None and not scaled:  # under a GradScaler the scaler skips such steps itself
+        if (
+            self.skip is not None and not scaled and self.skip.ready(step)
+        ):  # a GradScaler skips such steps itself
             skip, norm, bad = self.skip.decide(count, sq, ctx.reduce_any)
             if skip:
                 for p in params:

@@ -33,14 +33,11 @@ def _script():
     return module
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """One 2-process DDP fit (Lightning's script launcher needs a script file): 6 steps, NaN on rank 1 at step 3."""
-    out = tmp_path_factory.mktemp("ddp")
+def _ddp(out, remedies: str):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "scripts", "ddp_fit.py"), str(out), str(NAN_STEP)],
+        [sys.executable, os.path.join(HERE, "scripts", "ddp_fit.py"), str(out), str(NAN_STEP), remedies],
         env=env,
         cwd=str(out),
         capture_output=True,
@@ -50,6 +47,24 @@ def ddp_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, ranks, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One 2-process DDP fit (Lightning's script launcher needs a script file): 6 steps, NaN on rank 1 at step 3."""
+    return _ddp(tmp_path_factory.mktemp("ddp"), "off")
+
+
+def test_ddp_nan_on_one_rank_makes_every_rank_skip(tmp_path):
+    """remedies="auto": rank 1 alone sees the NaN batch; both ranks skip that step together (no hang), and
+    their weights stay finite and identical."""
+    _, ranks, _ = _ddp(tmp_path, "auto")
+    skips = [
+        [(a["step"], a["detail"]["optimizer_step"]) for a in r["actions"] if a["remedy"] == "skip_step"]
+        for r in ranks
+    ]
+    assert skips[0] == skips[1] == [(NAN_STEP, "skipped")]
+    assert ranks[0]["weights"] == ranks[1]["weights"] and all(math.isfinite(w) for w in ranks[0]["weights"])
 
 
 def _reference(steps: int):

@@ -77,7 +77,7 @@ class LRControl:
         self.multiplier = 1.0
         self.applied = 1.0  # what the optimizers' learning rates currently include
         self._optimizers: list[torch.optim.Optimizer] = []
-        self._wrapped: list[Any] = []
+        self._wrapped: list[tuple[Any, type]] = []
         self._loaded = False
 
     def attach(self, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]) -> None:
@@ -88,23 +88,31 @@ class LRControl:
         self._loaded = False
         self._optimizers = list(optimizers)
         for sched in schedulers:
-            original = sched.step
-
-            def step(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                self._set(1.0)
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self._set(self.multiplier)
-
-            sched.step = step
-            self._wrapped.append(sched)
+            # A subclass made on the fly, not an instance attribute: schedulers' state_dict() is their
+            # __dict__, which checkpoints pickle. isinstance checks (ReduceLROnPlateau...) still hold.
+            base = type(sched)
+            sched.__class__ = type(
+                base.__name__, (base,), {"step": self._stepper(base), "__module__": base.__module__}
+            )
+            self._wrapped.append((sched, base))
         self._set(self.multiplier)
 
+    def _stepper(self, base: type) -> Any:
+        """``base.step`` with the multiplier divided out while the scheduler computes."""
+
+        def step(sched: Any, *args: Any, **kwargs: Any) -> Any:
+            self._set(1.0)
+            try:
+                return base.step(sched, *args, **kwargs)
+            finally:
+                self._set(self.multiplier)
+
+        return step
+
     def detach(self) -> None:
-        """Give the schedulers their own ``step`` back (the learning rates keep the multiplier)."""
-        for sched in self._wrapped:
-            sched.__dict__.pop("step", None)
+        """Give the schedulers their own class back (the learning rates keep the multiplier)."""
+        for sched, base in self._wrapped:
+            sched.__class__ = base
         self._wrapped = []
 
     def _set(self, target: float) -> None:

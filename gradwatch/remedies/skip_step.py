@@ -23,7 +23,7 @@ class SkipStep(Remedy):
     calibrates its scale with them), so this remedy stands aside there; under bf16 nothing else would.
 
     A NaN batch also poisons BatchNorm's running statistics in its forward pass, before any gradient
-    exists; so at the start of each step the model's floating-point buffers are copied on device
+    exists; so at the start of each step the model's buffers are copied on device
     (``torch._foreach_copy_``, no host sync; buffers are small) and put back when the step is skipped.
 
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
@@ -41,7 +41,7 @@ class SkipStep(Remedy):
         self._saved: list[torch.Tensor] = []
 
     def bind(self, model: torch.nn.Module) -> None:
-        self._buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self._buffers = list(model.buffers())
         self._saved = [b.detach().clone() for b in self._buffers]
 
     def save_buffers(self) -> None:

@@ -1,6 +1,6 @@
 """A 2-process DDP fit on CPU (gloo), run by ``tests/test_distributed.py`` through Lightning's script launcher.
 
-Usage: ``python ddp_fit.py OUT_DIR NAN_STEP``. Rank r trains on samples r, r+2, r+4, ... of the digits (no
+Usage: ``python ddp_fit.py OUT_DIR NAN_STEP [REMEDIES]`` (REMEDIES: ``off``, the default, or ``auto``). Rank r trains on samples r, r+2, r+4, ... of the digits (no
 shuffling), so the two ranks' batches at step k together are samples [2Bk, 2B(k+1)) -- the batch a single
 process would see. At ``NAN_STEP`` rank 1 only gets a NaN batch. Each rank writes what gradwatch judged to
 ``OUT_DIR/rank<r>.json``; gradwatch itself writes its events file and TensorBoard curves under OUT_DIR.
@@ -32,7 +32,7 @@ def digits():
     return torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y, dtype=torch.long)
 
 
-def main(out_dir: str, nan_step: int) -> None:
+def main(out_dir: str, nan_step: int, remedies: str = "off") -> None:
     import pytorch_lightning as pl
     import torch
     import torch.nn.functional as F
@@ -63,7 +63,7 @@ def main(out_dir: str, nan_step: int) -> None:
             return DataLoader(TensorDataset(x[:n][r::2], y[:n][r::2]), batch_size=BATCH, shuffle=False)
 
     mon = gradwatch.HealthMonitor(
-        every_n_steps=1, remedies="off", events_path=os.path.join(out_dir, "events.jsonl")
+        every_n_steps=1, remedies=remedies, events_path=os.path.join(out_dir, "events.jsonl")
     )
     seen: list[dict] = []
 
@@ -106,10 +106,12 @@ def main(out_dir: str, nan_step: int) -> None:
         "findings": [f.to_dict() for f in mon.findings],
         "reads": seen,
         "setup": mon.monitor.setup,
+        "actions": [a.to_dict() for a in mon.actions],
+        "weights": [p.detach().double().sum().item() for p in trainer.lightning_module.parameters()],
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(out, f, default=str)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

@@ -1,0 +1,315 @@
+"""Remedies on real fits: each changes exactly what it says, and nothing else."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from models import DigitsMLP, trainer
+from torch import nn
+
+import gradwatch
+from gradwatch.detectors import DeadUnits, Detector, NonFinite
+from gradwatch.findings import Finding
+from gradwatch.remedies import EarlyStop, ReduceLR, Reinitialize, Rollback, SkipStep
+
+
+class FireAt(Detector):
+    """A real detector plugin that reports ``rule`` at given steps: a deterministic trigger for remedies."""
+
+    def __init__(self, rule: str, steps: set[int], severity: str = "warning", **evidence: float) -> None:
+        self.fire_rule, self.steps, self.severity, self.evidence = rule, set(steps), severity, evidence
+
+    def check(self, step, stats):
+        return [
+            Finding(self.fire_rule, self.severity, r.step, r.epoch, None, "scripted", dict(self.evidence), "")
+            for r in stats.steps
+            if r.step in self.steps
+        ]
+
+
+def state_of(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> dict:
+    return {"model": copy.deepcopy(module.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+
+def assert_same(a, b, path="") -> None:
+    """Bit-identical nested state (tensors compared with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (path, a, b)
+
+
+class BNNet(DigitsMLP):
+    """AdamW with weight decay, a BatchNorm layer and a LambdaLR schedule: everything a skipped step could touch."""
+
+    def __init__(self, nan_at_step=None):
+        super().__init__(nan_at_step=nan_at_step)
+        self.net = nn.Sequential(
+            nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU()
+        )
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_skip_step_leaves_weights_and_optimizer_state_bit_identical(tmp_path, loaders, precision):
+    nan = 5
+    seen = {}
+
+    class Capture(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == nan:
+                seen["before"] = state_of(pl_module, trainer.optimizers[0])
+                seen["lr_before"] = trainer.optimizers[0].param_groups[0]["lr"]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == nan + 1:
+                seen["after"] = state_of(pl_module, trainer.optimizers[0])
+                seen["grads"] = [p.grad for p in pl_module.parameters()]
+                seen["lr_after"] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    mon = gradwatch.HealthMonitor(every_n_steps=4, remedies=["skip_step"])
+    model = BNNet(nan_at_step=nan)
+    trainer(tmp_path, [mon, Capture()], max_steps=10, logger=False, precision=precision).fit(
+        model, loaders[0]
+    )
+    after = seen["after"]
+    # the optimizer's step was a no-op: weights, BatchNorm statistics, moments, step counts, weight decay
+    assert_same(seen["before"]["model"], after["model"])
+    before_opt, after_opt = seen["before"]["optimizer"], after["optimizer"]
+    assert_same(before_opt["state"], after_opt["state"])
+    assert all(g is None for g in seen["grads"])  # nothing leaks into the next step
+    assert seen["lr_after"] == pytest.approx(
+        seen["lr_before"] * (nan + 1) / (nan + 2)
+    )  # the scheduler kept time
+    (skip,) = [a for a in mon.actions if a.remedy == "skip_step"]
+    assert (skip.step, skip.rule, skip.detail["optimizer_step"]) == (nan, "nonfinite", "skipped")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [f.step for f in mon.findings if f.rule == "nonfinite"] == [nan]
+
+
+def test_skip_step_under_accumulation_skips_the_whole_window(tmp_path, loaders):
+    mon = gradwatch.HealthMonitor(every_n_steps=1, remedies=["skip_step"])
+    model = DigitsMLP(nan_at_step=2, optimizer="adam", lr=1e-3)
+    trainer(tmp_path, [mon], max_steps=5, logger=False, accumulate_grad_batches=2).fit(model, loaders[0])
+    assert [a.step for a in mon.actions] == [2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(r.grad_norm) for r in mon.monitor.last_stats.steps)  # step 4: clean gradients
+
+
+def _lrs(tmp_path, loaders, sched: str, remedies, detectors, steps=30, ckpt=None, callbacks=(), **kw):
+    class Sched(DigitsMLP):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            s = {
+                "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 10)),
+                "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40),
+                "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5),
+            }[sched]()
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+
+    lrs: dict[int, float] = {}
+
+    class Record(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+    mon = gradwatch.HealthMonitor(every_n_steps=5, remedies=remedies, detectors=detectors)
+    t = trainer(tmp_path, [mon, Record(), *callbacks], max_steps=steps, max_epochs=-1, logger=False, **kw)
+    t.fit(Sched(), loaders[0], ckpt_path=ckpt)
+    return lrs, mon
+
+
+@pytest.mark.parametrize("sched", ["lambda", "cosine", "step"])
+def test_reduce_lr_survives_the_scheduler(tmp_path, loaders, sched):
+    plain, _ = _lrs(tmp_path, loaders, sched, "off", [])
+    reduced, mon = _lrs(
+        tmp_path, loaders, sched, [ReduceLR(factor=0.5)], [FireAt("exploding_gradients", {12})]
+    )
+    (action,) = mon.actions
+    assert (action.remedy, action.step, action.detail["multiplier_after"]) == ("reduce_lr", 12, 0.5)
+    assert action.detail["lr_after"] == pytest.approx(0.5 * action.detail["lr_before"])
+    for k in plain:  # read at step 15: from step 16 on, the schedule's own shape, halved
+        assert reduced[k] == pytest.approx(plain[k] * (0.5 if k > 15 else 1.0), rel=1e-9), k
+
+
+def test_reduce_lr_state_survives_checkpoint_and_resume(tmp_path, loaders):
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=20, save_top_k=-1)
+    plain, _ = _lrs(tmp_path, loaders, "lambda", "off", [], steps=30)
+    _, mon = _lrs(
+        tmp_path,
+        loaders,
+        "lambda",
+        [ReduceLR(factor=0.5)],
+        [FireAt("exploding_gradients", {12})],
+        steps=20,
+        callbacks=[ckpt],
+        enable_checkpointing=True,
+    )
+    path = str(tmp_path / "ck" / "epoch=0-step=20.ckpt")
+    resumed, mon2 = _lrs(
+        tmp_path,
+        loaders,
+        "lambda",
+        [ReduceLR(factor=0.5)],
+        [FireAt("exploding_gradients", set())],
+        steps=30,
+        ckpt=path,
+    )
+    assert mon2.monitor.lr.multiplier == 0.5 and mon2.monitor.remedies[0].used == 1
+    for k in range(20, 30):
+        assert resumed[k] == pytest.approx(plain[k] * 0.5, rel=1e-9), k
+
+
+def test_rollback_restores_exactly(tmp_path, loaders):
+    kept = {}
+
+    class Capture(pl.Callback):  # after the monitor: sees the state right after a read's snapshot
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step - 1
+            if step in (20, 40):
+                kept[step] = state_of(pl_module, trainer.optimizers[0])
+                kept[step]["sched"] = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())
+            if step == 45:
+                kept["after"] = state_of(pl_module, trainer.optimizers[0])
+                kept["after"]["sched"] = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())
+
+    class Sched(DigitsMLP):
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=1e-3)
+            s = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+
+    mon = gradwatch.HealthMonitor(
+        every_n_steps=5,
+        snapshot_every=20,
+        remedies=[Rollback(divergence_lr_factor=1.0, margin=10)],
+        detectors=[FireAt("divergence", {45})],
+    )
+    trainer(tmp_path, [mon, Capture()], max_steps=50, max_epochs=-1, logger=False).fit(Sched(), loaders[0])
+    (action,) = mon.actions
+    assert (action.remedy, action.detail["restored_step"]) == (
+        "rollback",
+        20,
+    )  # 40 is within the margin of 45
+    assert_same(kept[20]["model"], kept["after"]["model"])
+    assert_same(kept[20]["optimizer"], kept["after"]["optimizer"])
+    assert_same(kept[20]["sched"], kept["after"]["sched"])
+    assert mon.monitor.snapshots.peak_bytes > 0
+
+
+def test_reinitialize_resets_exactly_the_dead_units_optimizer_state(tmp_path, loaders):
+    seen = {}
+
+    class Before(pl.Callback):  # listed before the monitor: the state just before its read at step 10
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step - 1 == 5:
+                seen["before"] = state_of(pl_module, trainer.optimizers[0])
+
+    class After(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step - 1 == 5:
+                seen["after"] = state_of(pl_module, trainer.optimizers[0])
+
+    model = DigitsMLP(optimizer="adam", lr=1e-3)
+    with torch.no_grad():
+        model.net[0].bias[:40] = -20.0  # 40 of 64 first-layer units can never fire
+    mon = gradwatch.HealthMonitor(every_n_steps=5, remedies=[Reinitialize()], detectors=[DeadUnits()])
+    trainer(tmp_path, [Before(), mon, After()], max_steps=12, logger=False).fit(model, loaders[0])
+    (action,) = mon.actions  # dead on the checks at steps 0 and 5: acted at 5
+    assert (action.remedy, action.step, action.detail["layer"]) == ("reinitialize", 5, "net.0")
+    b, a = seen["before"], seen["after"]
+    dead = (b["model"]["net.0.weight"] != a["model"]["net.0.weight"]).any(
+        dim=1
+    )  # rows that got fresh weights
+    assert dead[:40].all() and dead.sum() == action.detail["units"] < 64
+    assert (a["model"]["net.0.bias"][dead] == 0).all()
+    assert torch.equal(a["model"]["net.0.bias"][~dead], b["model"]["net.0.bias"][~dead])
+    assert (a["model"]["net.2.weight"][:, dead] == 0).all()  # zero outgoing weights (ReDo)
+    names = [n for n, _ in model.named_parameters()]
+    ia, ib = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i, name in enumerate(names):
+        for key in ("exp_avg", "exp_avg_sq"):
+            new, old = ia[i][key], ib[i][key]
+            if name in ("net.0.weight", "net.0.bias"):
+                assert (new[dead] == 0).all() and torch.equal(new[~dead], old[~dead]), (name, key)
+            elif name == "net.2.weight":
+                assert (new[:, dead] == 0).all() and torch.equal(new[:, ~dead], old[:, ~dead]), (name, key)
+            else:
+                assert torch.equal(new, old), (name, key)  # everything else untouched
+        assert torch.equal(ia[i]["step"], ib[i]["step"])
+
+
+def test_early_stop_restores_the_best_weights(tmp_path):
+    from sklearn.datasets import load_digits
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)
+    train = DataLoader(TensorDataset(x[:48], y[:48]), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=512)
+    snapshots = {}
+
+    class Keep(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            snapshots[trainer.global_step - 1] = (
+                float(trainer.callback_metrics["val_loss"]),
+                copy.deepcopy(pl_module.state_dict()),
+            )
+
+    mon = gradwatch.HealthMonitor(every_n_steps=5, remedies=[EarlyStop()])
+    model = DigitsMLP(optimizer="adam", lr=3e-3, hidden=(512, 512))
+    t = trainer(tmp_path, [Keep(), mon], max_epochs=80)
+    t.fit(model, train, val)
+    (action,) = mon.actions
+    assert action.remedy == "early_stop" and t.should_stop and t.current_epoch < 79
+    best_step = min(snapshots, key=lambda s: snapshots[s][0])
+    assert action.detail["best_step"] == best_step
+    assert_same(snapshots[best_step][1], model.state_dict())
+    (metrics,) = t.validate(model, val, verbose=False)
+    assert metrics["val_loss"] == pytest.approx(snapshots[best_step][0], rel=1e-5)
+
+
+def test_remedies_off_acts_on_nothing(tmp_path, loaders):
+    mon = gradwatch.HealthMonitor(every_n_steps=5, remedies="off")
+    model = DigitsMLP(nan_at_step=3)
+    trainer(tmp_path, [mon], max_steps=10, logger=False).fit(model, loaders[0])
+    assert mon.actions == [] and any(f.rule == "nonfinite" for f in mon.findings)
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # the NaN went through
+
+
+def test_ladder_spent_stops_with_a_critical_finding(tmp_path, loaders):
+    mon = gradwatch.HealthMonitor(
+        every_n_steps=1,
+        remedies=[SkipStep(budget=2), EarlyStop()],
+        detectors=[NonFinite()],
+    )
+
+    class AlwaysNaN(DigitsMLP):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x * (math.nan if self.global_step >= 2 else 1.0)), y)
+
+    t = trainer(tmp_path, [mon], max_steps=50, max_epochs=-1, logger=False)
+    t.fit(AlwaysNaN(), loaders[0])
+    assert [a.remedy for a in mon.actions] == ["skip_step", "skip_step", "early_stop"]
+    stop = mon.actions[-1]
+    assert stop.detail["reason"] == "remedies exhausted" and stop.detail["skip_step"] == 2
+    assert any(f.severity == "critical" and "remedies were spent" in f.message for f in mon.findings)
+    assert t.global_step < 50
