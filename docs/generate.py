@@ -45,17 +45,28 @@ def rules() -> str:
     ]
     for rule in RULES:
         cls = DETECTORS[rule]
-        out.append(f"| [`{rule}`](#{rule}) | `{cls.__name__}` | {', '.join(LADDER.get(rule, ())) or 'advice only'} |")
+        out.append(
+            f"| [`{rule}`](#{rule}) | `{cls.__name__}` | {', '.join(LADDER.get(rule, ())) or 'advice only'} |"
+        )
     for rule in RULES:
         cls = DETECTORS[rule]
-        out += ["", f"## {rule}", "", f"`gradwatch.detectors.{cls.__name__}` — defaults: {_defaults(cls)}", "", _doc(cls)]
+        out += [
+            "",
+            f"## {rule}",
+            "",
+            f"`gradwatch.detectors.{cls.__name__}` — defaults: {_defaults(cls)}",
+            "",
+            _doc(cls),
+        ]
         advice = getattr(cls, "advice", "")
         if advice:
             out += ["", f"**Advice.** {advice}"]
         ladder = LADDER.get(rule)
         out += ["", f"**Remedy.** {' then '.join(f'`{r}`' for r in ladder)}." if ladder else "", ""]
         if not ladder:
-            out[-2] = "**Remedy.** None: the fix is in the user's code or data; the finding says what to change."
+            out[-2] = (
+                "**Remedy.** None: the fix is in the user's code or data; the finding says what to change."
+            )
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -63,8 +74,8 @@ def remedies() -> str:
     out = [
         "# Remedies",
         "",
-        "Generated from the code by `python docs/generate.py`. `HealthMonitor(remedies=\"auto\")` (the default)",
-        "enables all of them with these defaults; `remedies=\"off\"` observes only; a list picks some, e.g.",
+        'Generated from the code by `python docs/generate.py`. `HealthMonitor(remedies="auto")` (the default)',
+        'enables all of them with these defaults; `remedies="off"` observes only; a list picks some, e.g.',
         "`remedies=[SkipStep(), ReduceLR(factor=0.3)]`. Every action is an `Action` in `monitor.actions`, the",
         "events file (`kind: action`), TensorBoard text and the log, with before/after numbers. Cooldowns",
         "(`cooldown_steps`) and budgets (`budget`) are enforced by the base class. A finding gets one action:",
@@ -77,7 +88,14 @@ def remedies() -> str:
     out += [f"| `{rule}` | {' then '.join(f'`{r}`' for r in ladder)} |" for rule, ladder in LADDER.items()]
     for name in REMEDIES:
         cls = REMEDY_CLASSES[name]
-        out += ["", f"## {name}", "", f"`gradwatch.remedies.{cls.__name__}` — defaults: {_defaults(cls)}", "", _doc(cls)]
+        out += [
+            "",
+            f"## {name}",
+            "",
+            f"`gradwatch.remedies.{cls.__name__}` — defaults: {_defaults(cls)}",
+            "",
+            _doc(cls),
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 

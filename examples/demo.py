@@ -1,11 +1,15 @@
 """gradwatch demo: a healthy and a faulty training run on scikit-learn's bundled digits.
 
-    python examples/demo.py            # writes runs/demo/{healthy,faulty}; then: tensorboard --logdir runs/demo
+    python examples/demo.py   # writes runs/demo/{healthy,faulty_off,faulty_auto}; then: tensorboard --logdir runs/demo
 
 The healthy run trains an MLP on pixels scaled to [0, 1]. The faulty run makes three classic
 mistakes at once: raw pixels (0..16), a learning rate that is too high, and a hand-written
-``log(softmax(x))`` instead of ``cross_entropy``. Its loss becomes infinite within a few steps; gradwatch names the step and the layer, says why, and writes it all to TensorBoard, the events
-file and the log. Each run ends with gradwatch's one-screen health summary.
+``log(softmax(x))`` instead of ``cross_entropy``. Its loss becomes infinite within a few steps. It runs
+twice: with ``remedies="off"`` gradwatch names the step and the layer, says why, and writes it all to
+TensorBoard, the events file and the log, and the run ends with NaN weights; with ``remedies="auto"``
+(the default) it skips the poisoned steps, rolls back and lowers the learning rate, re-initializes dead
+units, and the run ends with a working model. Each run ends with gradwatch's one-screen health summary,
+and the demo prints the final validation accuracy of each.
 """
 
 from __future__ import annotations
@@ -67,11 +71,18 @@ class MLP(pl.LightningModule):
 
 
 def run(
-    name: str, scale: float, lr: float, epochs: int, out: str, naive_loss: bool = False
-) -> gradwatch.HealthMonitor:
+    name: str,
+    scale: float,
+    lr: float,
+    epochs: int,
+    out: str,
+    naive_loss: bool = False,
+    remedies: str = "auto",
+) -> tuple[gradwatch.HealthMonitor, float]:
+    """Train one run with gradwatch; return the monitor and the final weights' validation accuracy."""
     pl.seed_everything(0, verbose=False)
     train, val = digits(scale)
-    monitor = gradwatch.HealthMonitor(every_n_steps=10, per_layer=True)
+    monitor = gradwatch.HealthMonitor(every_n_steps=10, per_layer=True, remedies=remedies)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -82,10 +93,11 @@ def run(
         enable_progress_bar=False,
         log_every_n_steps=10,
     )
-    print(f"\n=== {name} run: inputs x{scale:g}, lr {lr:g}, {epochs} epochs ===")
-    trainer.fit(MLP(lr, naive_loss), train, val)
-    print(f"findings: {len(monitor.findings)}; events file: {monitor.events_path}")
-    return monitor
+    print(f"\n=== {name}: inputs x{scale:g}, lr {lr:g}, {epochs} epochs, remedies={remedies!r} ===")
+    model = MLP(lr, naive_loss)
+    trainer.fit(model, train, val)
+    (metrics,) = trainer.validate(model, val, verbose=False)  # the weights the run ends with
+    return monitor, float(metrics["val_acc"])
 
 
 def main() -> None:
@@ -94,10 +106,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    healthy = run("healthy", scale=1 / 16, lr=0.05, epochs=args.epochs, out=args.out)
-    faulty = run("faulty", scale=1.0, lr=0.5, epochs=args.epochs, out=args.out, naive_loss=True)
-    print(f"\nhealthy: {len(healthy.findings)} finding(s); faulty: {len(faulty.findings)} finding(s)")
-    for f in faulty.findings:
+    runs = {
+        "healthy": run("healthy", 1 / 16, 0.05, args.epochs, args.out),
+        "faulty, remedies off": run(
+            "faulty_off", 1.0, 0.5, args.epochs, args.out, naive_loss=True, remedies="off"
+        ),
+        "faulty, remedies auto": run("faulty_auto", 1.0, 0.5, args.epochs, args.out, naive_loss=True),
+    }
+    print(f"\n{'run':<24} {'val acc':>8} {'findings':>9} {'actions':>8}")
+    for name, (monitor, acc) in runs.items():
+        print(f"{name:<24} {acc:>8.3f} {len(monitor.findings):>9} {len(monitor.actions):>8}")
+    print("\nWhat gradwatch found in the faulty run (remedies off):")
+    for f in runs["faulty, remedies off"][0].findings:
         print(f"  {f}")
     print(f"\nTensorBoard: tensorboard --logdir {args.out}")
 

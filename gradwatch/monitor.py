@@ -54,6 +54,9 @@ STATE_VERSION = 1
 
 log = logging.getLogger("gradwatch")
 
+#: Rules that mean the run is unstable: no rollback snapshot is taken while one is open.
+UNSTABLE = ("nonfinite", "gradient_spike", "loss_spike", "exploding_gradients", "divergence")
+
 #: Rules whose findings a rollback makes moot: they describe the state it just discarded.
 ROLLED_BACK_PAST = ("exploding_gradients", "divergence", "update_ratio", "gradient_spike", "loss_spike")
 
@@ -448,17 +451,31 @@ class Monitor:
                     p.grad = None  # torch optimizers leave parameters without a gradient untouched
                 self.skip.restore_buffers()
                 self._step_actions.append(self.skip.skipped(step, epoch, norm, bad))
-                if self.skip.consecutive >= self.skip.max_consecutive and self.rollback is not None:
-                    finding = self.rollback.escalation(step, epoch, self.skip.consecutive)
-                    self._publish([finding])
-                    if self.rollback.ready(step):
-                        action = self.rollback.restore(finding, self)
-                        if action is not None:
-                            self._step_actions.append(action)
-                            self.skip.consecutive = 0
+                if self.skip.consecutive >= self.skip.max_consecutive:
+                    self._escalate(step, epoch)
                 return
         if self.clip is not None and watched and self._row is not None:
             self._row["clip"] = self.clip.clip([p.grad for p in watched], sq)
+
+    def _escalate(self, step: int, epoch: int) -> None:
+        """Skipping is not enough: roll back if possible, else (the ladder spent) stop and say why."""
+        skipped = self.skip.consecutive
+        finding = Rollback.escalation(step, epoch, skipped)
+        if self.rollback is not None and not self.rollback.spent:
+            if not self.rollback.ready(step):
+                return  # in its cooldown: keep skipping meanwhile
+            action = self.rollback.restore(finding, self)
+            if action is not None:
+                self._publish([finding])
+                self._step_actions.append(action)
+                self.skip.consecutive = 0
+                return
+        if self.early_stop is not None and not self.early_stop.stopped:
+            tried = [a for a in self.actions + self._step_actions if a.rule == "nonfinite"]
+            out = self.early_stop.give_up(finding, tried, self)
+            if out is not None:
+                self._publish([out[0]])
+                self._step_actions.append(out[1])
 
     def _respond(self, findings: list[Finding]) -> None:
         """Let the remedies answer new warning/critical findings, in ladder order; one action per finding."""
@@ -500,11 +517,23 @@ class Monitor:
             log.warning("gradwatch: %s", needs_automatic_loop_message(remedy, {"manual_optimization": True}))
 
     def _maybe_snapshot(self, step: int, new: list[Finding]) -> None:
-        """Keep a healthy state for rollback: no warning/critical finding now and no open episode."""
+        """Keep a healthy state for rollback: no sign of instability now, and none still open.
+
+        Lasting conditions that a rollback would not cure (unnormalized inputs, a plateau, dead units)
+        do not block snapshots; instability (non-finite values, spikes, explosion, divergence) does.
+        """
         if self.rollback is None or self.context is None or not self.snapshots.due(step):
             return
-        if any(f.severity != "info" for f in new) or any(
-            sev != "info" for d in self.detectors for sev in getattr(d, "active", {}).values()
+        if any(f.severity != "info" and f.rule in UNSTABLE for f in new) or any(
+            sev != "info"
+            for d in self.detectors
+            if d.rule in UNSTABLE
+            for sev in getattr(d, "active", {}).values()
+        ):
+            return
+        if self.last_stats is not None and any(
+            r.grad_nonfinite or (r.loss is not None and not math.isfinite(r.loss))
+            for r in self.last_stats.steps
         ):
             return
         if self.last_stats is not None and any(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from gradwatch.detectors.base import Detector, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
@@ -45,6 +47,8 @@ class DeadUnits(Detector):
         out: list[Finding] = []
         for name in watched:
             a = acts[name]
+            if not (math.isfinite(a.mean) and math.isfinite(a.std)):
+                continue  # NaN outputs are "never > 0" but not dead: the nonfinite rule's business
             frac = a.dead_unit_frac
             if frac <= self.threshold:
                 self.streaks.pop(name, None)

@@ -17,7 +17,8 @@ class Overfitting(Detector):
     the smoothed training loss (EMA alpha 0.9) at that time. Fires when ``V >= V_best * (1 + margin)``
     (margin 0.1, SageMaker's 10% gap) and the training loss is below ``T_best`` on ``patience`` (2)
     consecutive validations, while training is really progressing (``T`` below 90% of its level at the
-    first validation) — a diverging run's validation loss also rises, and that is not overfitting.
+    first validation) and validation loss above training loss — a diverging or recovering run's
+    validation loss also moves, and that is not overfitting.
     Evidence includes the generalization gap ``(V - T) / T``.
 
     Severity: warning. Evidence: val_loss, val_best, train_loss, gap, validations.
@@ -57,7 +58,7 @@ class Overfitting(Detector):
                 "overfit", step, stats.epoch, None, f"validation loss improving again: {v:.4g}"
             )
         progressing = t < 0.9 * self.train_first
-        overfit = v >= self.val_best * (1 + self.margin) and t < self.train_at_best and progressing
+        overfit = v >= self.val_best * (1 + self.margin) and t < self.train_at_best and progressing and v > t
         self.streak = self.streak + 1 if overfit else 0
         if self.streak < self.patience:
             return []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from gradwatch.detectors.base import Detector, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
@@ -37,7 +39,7 @@ class SaturatedActivations(Detector):
     def check(self, step: int, stats: Stats) -> list[Finding]:
         out: list[Finding] = []
         for name, a in stats.activations.items():
-            if a.kind not in ("tanh", "sigmoid"):
+            if a.kind not in ("tanh", "sigmoid") or not math.isfinite(a.mean):
                 continue
             frac = a.saturated_frac
             if frac <= self.threshold:

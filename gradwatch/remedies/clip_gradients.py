@@ -11,6 +11,9 @@ from gradwatch.detectors.base import check_threshold
 from gradwatch.findings import Action, Finding
 from gradwatch.remedies.base import Remedy
 
+#: Clipping that scales gradients by at least this factor is routine (not an incident).
+ROUTINE_FACTOR = 0.5
+
 
 class ClipGradients(Remedy):
     """Clip the total gradient norm at ``mean + z * std`` of its running statistics.
@@ -22,7 +25,8 @@ class ClipGradients(Remedy):
     has measured the (unclipped) norm and before Lightning's own ``gradient_clip_val``.
 
     Each read logs one action listing the steps clipped in it, with the largest pre-clip norm and the
-    smallest factor.
+    smallest factor; when no step was scaled below ``0.5`` the action is marked ``routine`` (logged at
+    INFO, not sent as an alert).
     """
 
     name = "clip_gradients"
@@ -73,6 +77,8 @@ class ClipGradients(Remedy):
             "pre_clip_norm": worst[2],
             "factor": worst[3],
             "post_clip_norm": worst[2] * worst[3],
+            # a trim of less than 2x is everyday adaptive clipping: logged at INFO, not alerted
+            "routine": worst[3] >= ROUTINE_FACTOR,
         }
         message = (
             f"clipped {len(steps)} step(s) to mean + {self.z:g} std of the running norm; largest: norm "

@@ -82,7 +82,8 @@ class Rollback(Remedy):
             snapshot_mib=snap.nbytes / 2**20,
         )
 
-    def escalation(self, step: int, epoch: int, skipped: int) -> Finding:
+    @staticmethod
+    def escalation(step: int, epoch: int, skipped: int) -> Finding:
         """The finding a run of skipped steps raises when it asks for a rollback."""
         return Finding(
             "nonfinite",

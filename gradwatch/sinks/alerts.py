@@ -182,6 +182,8 @@ class Alerts(Sink):
             self._put(self._payload("finding", **finding.to_dict()))
 
     def action(self, action: Action) -> None:
+        if action.detail.get("routine"):
+            return  # everyday adaptive clipping is not news
         if self._allowed():
             self._put(self._payload("action", **action.to_dict()))
 

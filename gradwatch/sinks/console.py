@@ -26,7 +26,8 @@ class Console(Sink):
         log.log(_LEVEL[finding.severity], "gradwatch: %s\n    advice: %s", finding, finding.advice)
 
     def action(self, action: Action) -> None:
-        log.warning("gradwatch action: %s %s", action, action.detail)
+        level = logging.INFO if action.detail.get("routine") else logging.WARNING
+        log.log(level, "gradwatch action: %s %s", action, action.detail)
 
     def summary(self, summary: dict[str, Any]) -> None:
         if self.print_summary:
