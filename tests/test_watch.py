@@ -1,0 +1,111 @@
+"""``gradwatch.Watch`` in plain PyTorch and Fabric loops: same findings and actions as the Trainer callback."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import DigitsMLP, digits_loaders, trainer
+
+import gradwatch
+
+NAN_AT, SPIKE_AT, EPOCHS = 12, 40, 3
+
+
+class FaultyMLP(DigitsMLP):
+    """DigitsMLP with a NaN batch and, at ``spike_at``, the loss times 50 (a gradient and a loss spike)."""
+
+    def __init__(self, spike_at: int | None = None, **kw) -> None:
+        super().__init__(**kw)
+        self.spike_at = spike_at
+
+    def loss_at(self, batch, step: int) -> torch.Tensor:
+        x, y = batch
+        if self.hparams.nan_at_step == step:
+            x = torch.full_like(x, math.nan)
+        loss = F.cross_entropy(self(x), y)
+        return loss * 50 if step == self.spike_at else loss
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_at(batch, self.global_step)
+
+
+def accuracy(model, loader) -> float:
+    model.eval()
+    with torch.no_grad():
+        hits = sum((model(x).argmax(-1) == y).sum().item() for x, y in loader)
+    model.train()
+    return hits / len(loader.dataset)
+
+
+def plain_loop(model, loaders, watch_kw=None, tmp_path=None):
+    """The loop a user writes: zero_grad, forward, backward, watch.step (or optimizer.step)."""
+    torch.manual_seed(0)
+    opt = model.configure_optimizers()
+    watch = gradwatch.Watch(model, opt, **watch_kw) if watch_kw is not None else None
+    step = 0
+    for epoch in range(EPOCHS):
+        for batch in loaders[0]:
+            opt.zero_grad()
+            loss = model.loss_at(batch, step)
+            loss.backward()
+            if watch is not None:
+                watch.step(loss, epoch=epoch)
+            else:
+                opt.step()
+            step += 1
+    if watch is not None:
+        watch.close()
+    return watch
+
+
+def test_plain_loop_recovers_like_the_trainer(tmp_path):
+    torch.manual_seed(0)
+    trained = FaultyMLP(nan_at_step=NAN_AT, spike_at=SPIKE_AT)
+    torch.manual_seed(0)
+    plain = FaultyMLP(nan_at_step=NAN_AT, spike_at=SPIKE_AT)
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), plain.parameters(), strict=True))
+
+    monitor = gradwatch.HealthMonitor(print_summary=False, events_path=tmp_path / "trainer.jsonl")
+    torch.manual_seed(0)
+    trainer(tmp_path / "tr", [monitor], max_epochs=EPOCHS, limit_val_batches=0).fit(
+        trained, digits_loaders()[0]
+    )
+    loaders = digits_loaders()  # a fresh generator: the same batches in the same order
+    watch = plain_loop(plain, loaders, {"log_dir": tmp_path / "plain", "print_summary": False})
+
+    # same findings (rule, step) and the same actions (remedy, step) as under the Trainer
+    assert [(f.rule, f.step) for f in watch.findings] == [(f.rule, f.step) for f in monitor.findings]
+    assert [(a.remedy, a.step) for a in watch.actions] == [(a.remedy, a.step) for a in monitor.actions]
+    rules = {f.rule: f.step for f in watch.findings}
+    assert rules["nonfinite"] == NAN_AT and rules["gradient_spike"] == SPIKE_AT
+    for ours, theirs in zip(watch.findings, monitor.findings, strict=True):  # the same numbers, too
+        assert ours.evidence == pytest.approx(theirs.evidence, rel=1e-4, nan_ok=True)
+    assert ("skip_step", NAN_AT) in [(a.remedy, a.step) for a in watch.actions]
+    assert any(a.remedy == "clip_gradients" and SPIKE_AT in a.detail["steps"] for a in watch.actions)
+    assert all(torch.isfinite(p).all() for p in plain.parameters())
+
+    # the events file, in the same place relative to log_dir, with the same records
+    events = [json.loads(line) for line in (tmp_path / "plain" / "gradwatch" / "events.jsonl").open()]
+    reference = [json.loads(line) for line in (tmp_path / "trainer.jsonl").open()]
+    assert [e["kind"] for e in events] == [e["kind"] for e in reference]
+    assert events[-1]["kind"] == "summary" and events[-1]["status"] == "finished"
+
+    # TensorBoard: the same scalar tags and text tags as the Trainer's logger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_plain = EventAccumulator(str(tmp_path / "plain")).Reload().Tags()
+    tb_trainer = EventAccumulator(str(tmp_path / "tr" / "tb" / "version_0")).Reload().Tags()
+    gw = {t for t in tb_trainer["scalars"] if t.startswith("gradwatch/")}
+    assert gw and gw == set(tb_plain["scalars"])
+    assert set(tb_plain["tensors"]) == set(tb_trainer["tensors"])  # findings/actions text, custom scalars
+    assert "gradwatch/findings/text_summary" in tb_plain["tensors"]
+
+    # it recovers: accuracy close to the same loop without the faults, not watched
+    torch.manual_seed(0)
+    clean = FaultyMLP()
+    plain_loop(clean, digits_loaders())
+    assert accuracy(plain, loaders[1]) > accuracy(clean, loaders[1]) - 0.03 > 0.85
