@@ -109,3 +109,117 @@ def test_plain_loop_recovers_like_the_trainer(tmp_path):
     clean = FaultyMLP()
     plain_loop(clean, digits_loaders())
     assert accuracy(plain, loaders[1]) > accuracy(clean, loaders[1]) - 0.03 > 0.85
+
+
+def test_fabric_loop_gives_the_plain_loops_findings(tmp_path):
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    model = FaultyMLP(nan_at_step=NAN_AT, spike_at=SPIKE_AT)
+    opt = model.configure_optimizers()
+    fmodel, fopt = fabric.setup(model, opt)
+    loaders = digits_loaders()
+    with gradwatch.Watch(fmodel, fopt, log_dir=tmp_path, print_summary=False) as watch:
+        step = 0
+        for _ in range(2):
+            for batch in fabric.setup_dataloaders(loaders[0]):
+                fopt.zero_grad()
+                loss = model.loss_at(batch, step)
+                fabric.backward(loss)
+                watch.step(loss)
+                step += 1
+    assert watch.monitor.setup["loop"] == "fabric"
+    assert [(f.rule, f.step) for f in watch.findings][:2] == [
+        ("nonfinite", NAN_AT),
+        ("gradient_spike", SPIKE_AT),
+    ]
+    assert watch.findings[0].layer == "net.0"  # the user's module names, not Fabric's wrapper's
+    assert ("skip_step", NAN_AT) in [(a.remedy, a.step) for a in watch.actions]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (tmp_path / "gradwatch" / "events.jsonl").exists()
+
+
+def test_both_lightning_namespaces(tmp_path, loaders):
+    import lightning.pytorch as L
+    import pytorch_lightning as pl
+
+    import gradwatch.lightning
+
+    assert isinstance(gradwatch.HealthMonitor(), pl.Callback)
+    new = gradwatch.lightning.HealthMonitor(print_summary=False, every_n_steps=5)
+    assert isinstance(new, L.Callback) and not isinstance(new, pl.Callback)
+
+    class Model(L.LightningModule):  # lightning.pytorch's Trainer takes lightning.pytorch modules only
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if self.global_step == 3:
+                x = torch.full_like(x, math.nan)
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer_ = L.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=L.loggers.TensorBoardLogger(str(tmp_path)),
+        callbacks=new,  # a single callback: Lightning's own isinstance check must accept it
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    trainer_.fit(Model(), loaders[0])
+    assert [(f.rule, f.step) for f in new.findings] == [("nonfinite", 3)]
+    assert [(a.remedy, a.step) for a in new.actions] == [("skip_step", 3)]
+    assert new.events_path.startswith(str(tmp_path))
+
+
+def test_context_manager_marks_a_failed_run_and_state_round_trips(tmp_path, loaders):
+    model = DigitsMLP()
+    opt = model.configure_optimizers()
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        with gradwatch.Watch(model, opt, events_path=tmp_path / "ev.jsonl", every_n_steps=4) as watch:
+            for i, (x, y) in enumerate(loaders[0]):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                watch.step(loss)
+                if i == 5:
+                    state = watch.state_dict()
+                    raise RuntimeError("data loader broke")
+    assert watch.summary["status"] == "failed" and not watch.monitor.hooks_attached
+    assert model._forward_pre_hooks == {}  # the watch's pre-hook is gone
+    last = json.loads((tmp_path / "ev.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "summary" and last["status"] == "failed"
+    with pytest.raises(RuntimeError, match="after Watch.close"):
+        watch.step()
+
+    resumed = gradwatch.Watch(model, opt, every_n_steps=4, print_summary=False)
+    resumed.load_state_dict(state)
+    assert resumed.global_step == 6 and resumed.monitor.steps_seen == 6
+    resumed.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optimizer": "sgd"}, "optimizer got 'sgd'"),
+        ({"remedies": ["skip_stp"]}, "Did you mean 'skip_step'"),
+        ({"log_dir": 3}, "log_dir must be a path"),
+        ({"scheduler": "plateau"}, "ReduceLROnPlateau needs a metric"),
+    ],
+)
+def test_bad_arguments_say_what_to_write(kwargs, match):
+    model = DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if kwargs.get("scheduler") == "plateau":
+        kwargs["scheduler"] = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    kw = {"optimizer": opt, **kwargs}
+    with pytest.raises(gradwatch.ConfigError, match=match):
+        gradwatch.Watch(model, **kw)
