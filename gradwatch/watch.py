@@ -301,6 +301,7 @@ class Watch:
         if scaler is not None and scaler is not self.scaler:
             self.scaler = scaler
             self.monitor.context.scaler = scaler
+            self.monitor.setup["scaler"] = type(scaler).__name__
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         if scaler is not None:
             for opt in self.optimizers:

@@ -223,3 +223,24 @@ def test_bad_arguments_say_what_to_write(kwargs, match):
     kw = {"optimizer": opt, **kwargs}
     with pytest.raises(gradwatch.ConfigError, match=match):
         gradwatch.Watch(model, **kw)
+
+
+def test_grad_scaler_skips_the_inf_step_and_gradwatch_counts_it():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with gradwatch.Watch(model, opt, every_n_steps=5, print_summary=False) as watch:
+        for step in range(10):
+            x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+            if step == 4:
+                x[0, 0] = math.inf
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            watch.step(loss, scaler=scaler)
+    assert [(f.rule, f.step) for f in watch.findings] == [("nonfinite", 4)]
+    assert watch.actions == []  # the scaler skipped the step itself; skip_step stands aside
+    assert watch.monitor.setup["scaler"] == "GradScaler"
+    assert scaler.get_scale() == 2.0**15  # backed off once
+    assert all(torch.isfinite(p).all() for p in model.parameters())
