@@ -1,7 +1,8 @@
 """gradwatch: a training-health monitor for PyTorch Lightning.
 
 ``import gradwatch`` is light: the Lightning callback and the torch-using core are imported on first
-use of ``gradwatch.HealthMonitor`` / ``gradwatch.Monitor``.
+use of ``gradwatch.HealthMonitor`` / ``gradwatch.Watch`` / ``gradwatch.Monitor``; the callback for the
+``lightning`` package is ``gradwatch.lightning.HealthMonitor`` (``import gradwatch.lightning``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from gradwatch.callback import HealthMonitor
     from gradwatch.monitor import Monitor
+    from gradwatch.watch import Watch
 
-_LAZY = {"HealthMonitor": "gradwatch.callback", "Monitor": "gradwatch.monitor"}
+_LAZY = {"HealthMonitor": "gradwatch.callback", "Monitor": "gradwatch.monitor", "Watch": "gradwatch.watch"}
 
 # Like Lightning's own logger: show INFO (the summary) unless the application configured logging.
 _logger = logging.getLogger(__name__)
@@ -38,4 +40,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
 
 
-__all__ = ["REMEDIES", "RULES", "Action", "ConfigError", "Finding", "HealthMonitor", "Monitor", "Severity"]
+__all__ = [
+    "REMEDIES",
+    "RULES",
+    "Action",
+    "ConfigError",
+    "Finding",
+    "HealthMonitor",
+    "Monitor",
+    "Severity",
+    "Watch",
+]

@@ -34,3 +34,37 @@ def test_demo_shows_a_healthy_and_a_faulty_run(tmp_path):
     kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
     assert "finding" in kinds and "action" in kinds and kinds[-1] == "summary"
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "healthy" / "version_0"))
+
+
+def _run_example(name: str, *args: str, cwd) -> str:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(cwd),
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_plain_loop_example_skips_the_nan_step_and_clips_the_spike(tmp_path):
+    text = _run_example("plain_loop.py", "--epochs", "2", "--out", str(tmp_path), cwd=tmp_path)
+    assert "findings: [('nonfinite', 15), ('gradient_spike', 35)" in text
+    assert "('skip_step', 15)" in text
+    events = [json.loads(line) for line in (tmp_path / "gradwatch" / "events.jsonl").open()]
+    assert any(e["kind"] == "action" and 35 in e.get("detail", {}).get("steps", []) for e in events)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def test_fabric_example_under_ddp_on_two_cpu_processes(tmp_path):
+    """Fabric DDP (gloo, 2 processes): every rank skips the same step and ends with finite weights."""
+    text = _run_example(
+        "fabric_loop.py", "--devices", "2", "--epochs", "3", "--out", str(tmp_path), cwd=tmp_path
+    )
+    assert "world_size=2" in text and "loop=fabric" in text
+    assert "findings: [('nonfinite', 15), ('gradient_spike', 35)" in text
+    assert "rank 0: weights finite True" in text and "rank 1: weights finite True" in text
+    assert (tmp_path / "gradwatch" / "events.jsonl").exists()

@@ -1,0 +1,258 @@
+"""The Lightning callback's logic, free of either Lightning package.
+
+Lightning checks ``isinstance(callback, Callback)`` against its own namespace (``pytorch_lightning`` or
+``lightning.pytorch``), so one class cannot be a callback of both. :class:`HealthMonitorHooks` holds every
+hook and inherits from neither; ``gradwatch.HealthMonitor`` (``gradwatch/callback.py``) mixes it with
+``pytorch_lightning.Callback`` and ``gradwatch.lightning.HealthMonitor`` with ``lightning.pytorch.Callback``.
+Both call the same code on the same Trainer API, which the two packages share.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from gradwatch.detectors import Detector
+from gradwatch.monitor import Monitor, log
+from gradwatch.probes.amp import amp_view, scale_tensor, scaler_of
+from gradwatch.progress import ProgressStatus
+from gradwatch.remedies import Context, Remedy
+from gradwatch.schedules import Schedule
+from gradwatch.setups import describe_setup, format_setup
+from gradwatch.sinks import Console, EventsFile, Sink, TensorBoard
+from gradwatch.sinks.alerts import Alerts, Target, check_targets
+
+VAL_LOSS_KEYS = ("val_loss", "val/loss", "validation_loss", "valid_loss", "loss/val")
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    """The training loss from ``training_step``'s output (a tensor, or a dict with ``"loss"``)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
+        return outputs["loss"]
+    return None
+
+
+def _lr_of(optimizer: Any) -> float | None:
+    groups = getattr(optimizer, "param_groups", None)
+    lr = groups[0].get("lr") if groups else None
+    return float(lr) if isinstance(lr, float | int) else None
+
+
+def _context(trainer: Any, pl_module: Any) -> Context:
+    """The training objects remedies may touch, through Lightning's public API."""
+
+    def stop() -> None:
+        trainer.should_stop = True
+
+    def reduce_any(decision: bool) -> bool:
+        if trainer.world_size <= 1:
+            return decision
+        return bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
+
+    return Context(
+        model=pl_module,
+        optimizers=lambda: list(trainer.optimizers),
+        schedulers=lambda: [config.scheduler for config in trainer.lr_scheduler_configs],
+        scaler=scaler_of(trainer),
+        request_stop=stop,
+        automatic=bool(pl_module.automatic_optimization),
+        reduce_any=reduce_any,
+    )
+
+
+class HealthMonitorHooks:
+    """The hooks of ``HealthMonitor``, for either Lightning package (mixed with its ``Callback``).
+
+    Watch a training run's health: gradients, weights, updates, activations, inputs and the loss.
+
+    Args:
+        remedies: ``"auto"`` (every remedy: skip_step, clip_gradients, reduce_lr, rollback, reinitialize,
+            early_stop, with their defaults), ``"off"`` (observe only), or a list of remedy ids /
+            :class:`~gradwatch.remedies.Remedy` objects (e.g. ``[SkipStep(), ReduceLR(factor=0.3)]``).
+        every_n_steps: statistics cadence: on every n-th optimizer step gradwatch reads its statistics back
+            to the host (one transfer), samples activations and inputs, and runs the detectors. Every
+            step's loss and gradient norm are still recorded, on device. An ``int`` or a ``step -> bool``
+            callable.
+        alert_url: a webhook (e.g. Slack's) to post alerts to: each new warning/critical finding, each
+            remedy action and a final message with the summary (see docs/alerts.md).
+        events_path: the events file; default ``<trainer.log_dir>/gradwatch/events.jsonl``.
+        per_layer: also log per-layer (per-module) curves to TensorBoard; totals are always logged.
+        activations: sample activation statistics with forward hooks on scheduled steps.
+        inputs: sample the input batch's range on scheduled steps.
+        update_ratio: measure update/weight ratios on scheduled steps (copies the weights on those steps).
+        detectors: the rules to run; default every implemented rule.
+        val_loss_key: the logged metric to read as validation loss; default the first of
+            ``val_loss``, ``val/loss``, ``validation_loss``, ``valid_loss``, ``loss/val`` that is logged.
+        name: tells two monitors in one trainer apart in checkpoints.
+        print_summary: log the one-screen summary when fit ends.
+        alerts: more alert targets: http(s) URLs and/or callables taking the payload dict.
+        snapshot_every: with ``rollback`` on, keep a healthy state in host memory at most every this many
+            steps (and never more often than keeps copying under 1% of the training time).
+        snapshots: how many such states to keep (memory: this many copies of model + optimizer state).
+
+    Raises:
+        ConfigError: on any bad argument, with what to write instead.
+
+    Example::
+
+        trainer = Trainer(callbacks=[gradwatch.HealthMonitor()])  # pytorch_lightning.Trainer
+        trainer = Trainer(callbacks=[gradwatch.lightning.HealthMonitor()])  # lightning.pytorch.Trainer
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        *,
+        remedies: str | list[str | Remedy] = "auto",
+        every_n_steps: int | Schedule = 20,
+        alert_url: str | None = None,
+        events_path: str | os.PathLike[str] | None = None,
+        per_layer: bool = False,
+        activations: bool = True,
+        inputs: bool = True,
+        update_ratio: bool = True,
+        detectors: Iterable[Detector] | None = None,
+        val_loss_key: str | None = None,
+        name: str | None = None,
+        print_summary: bool = True,
+        snapshot_every: int = 20,
+        snapshots: int = 2,
+        alerts: Iterable[Target] | None = None,
+    ) -> None:
+        super().__init__()
+        self.monitor = Monitor(
+            remedies=remedies,
+            every_n_steps=every_n_steps,
+            alert_url=alert_url,
+            events_path=events_path,
+            per_layer=per_layer,
+            activations=activations,
+            inputs=inputs,
+            update_ratio=update_ratio,
+            detectors=detectors,
+            print_summary=print_summary,
+            snapshot_every=snapshot_every,
+            snapshots=snapshots,
+        )
+        if val_loss_key is not None and not isinstance(val_loss_key, str):
+            from gradwatch.errors import ConfigError
+
+            raise ConfigError(
+                f'val_loss_key must be a str or None, got {val_loss_key!r}. Write e.g. val_loss_key="val_loss".'
+            )
+        self.val_loss_key = val_loss_key
+        self._alert_targets = check_targets(alert_url, alerts)
+        self._progress = ProgressStatus(lambda: self.monitor.findings)
+        self.name = name
+        self._events_path = events_path
+        self._fitting = False
+
+    # ------------------------------------------------------------------ public attributes
+    @property
+    def findings(self):  # noqa: ANN201 - list[Finding]
+        """Every finding so far, in order."""
+        return self.monitor.findings
+
+    @property
+    def actions(self):  # noqa: ANN201 - list[Action]
+        """Every remedy action so far, in order."""
+        return self.monitor.actions
+
+    @property
+    def events_path(self) -> str | None:
+        """The events file of the current or last fit (known once fit starts)."""
+        return self.monitor.events_path
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name, every_n_steps=repr(self.monitor.every_n_steps))
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        sinks: list[Sink] = []
+        if self._events_path is None:
+            self.monitor.events_path = os.path.join(
+                trainer.log_dir or trainer.default_root_dir, "gradwatch", "events.jsonl"
+            )
+        if trainer.is_global_zero:  # rank zero writes
+            sinks = [
+                EventsFile(self.monitor.events_path),
+                TensorBoard(trainer.loggers),
+                Console(self.monitor.print_summary),
+            ]
+            if self._alert_targets:
+                sinks.append(Alerts(self._alert_targets, run=self.name))
+        self._progress.attach(trainer)
+        self.monitor.bind(
+            pl_module, sinks, meta={"run": trainer.log_dir}, context=_context(trainer, pl_module)
+        )
+        self.monitor.setup = describe_setup(trainer, pl_module)
+        if trainer.is_global_zero:
+            log.info(format_setup(self.monitor.setup))
+        self._fitting = True
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish("finished")
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self._finish(status)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._fitting:
+            self._finish("finished")
+        self._progress.detach()
+        self.monitor.close()
+
+    def _finish(self, status: str) -> None:
+        if self._fitting:
+            self._fitting = False
+            self.monitor.finish(status)
+
+    # ------------------------------------------------------------------ training hooks
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.monitor.batch_start(trainer.global_step, batch)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        loss_scale, grads_scaled = amp_view(trainer, optimizer)
+        self.monitor.before_optimizer_step(
+            trainer.global_step,
+            trainer.current_epoch,
+            params,
+            _lr_of(optimizer),
+            loss_scale=loss_scale,
+            grads_scaled=grads_scaled,
+        )
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = _loss_of(outputs)
+        if loss is not None and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
+            # Lightning hands back loss / accumulate_grad_batches: record the micro-batch's own loss
+            loss = loss * trainer.accumulate_grad_batches
+        self.monitor.batch_end(loss, loss_scale=scale_tensor(scaler_of(trainer)))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or not self._fitting:
+            return
+        metrics = trainer.callback_metrics
+        keys = [self.val_loss_key] if self.val_loss_key else VAL_LOSS_KEYS
+        for key in keys:
+            if key in metrics:
+                step = max(trainer.global_step - 1, 0)  # the last optimizer step before this validation
+                self.monitor.validation_end(step, float(metrics[key]))  # sync: once per validation run
+                return
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state_dict)
