@@ -313,3 +313,45 @@ def test_ladder_spent_stops_with_a_critical_finding(tmp_path, loaders):
     assert stop.detail["reason"] == "remedies exhausted" and stop.detail["skip_step"] == 2
     assert any(f.severity == "critical" and "remedies were spent" in f.message for f in mon.findings)
     assert t.global_step < 50
+
+
+def test_remedies_work_under_manual_optimization(tmp_path, loaders):
+    """The user steps the optimizer and the scheduler: skip_step and reduce_lr still act, and compose."""
+
+    class Manual(DigitsMLP):
+        def __init__(self):
+            super().__init__(nan_at_step=3)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt, sched = self.optimizers(), self.lr_schedulers()
+            x, y = batch
+            if self.global_step == 3:
+                x = torch.full_like(x, math.nan)
+            loss = F.cross_entropy(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            sched.step()
+            return loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.1 * k))]
+
+    lrs = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    mon = gradwatch.HealthMonitor(
+        every_n_steps=5, remedies=[SkipStep(), ReduceLR(factor=0.5)],
+        detectors=[NonFinite(), FireAt("exploding_gradients", {7})],
+    )
+    model = Manual()
+    trainer(tmp_path, [mon, Record()], max_steps=15, logger=False).fit(model, loaders[0])
+    assert [(a.remedy, a.step) for a in mon.actions] == [("skip_step", 3), ("reduce_lr", 7)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for k in range(11, 15):  # read at step 10: from 11 on, the user's schedule, halved
+        assert lrs[k] == pytest.approx(0.5 * 0.1 / (1 + 0.1 * k), rel=1e-9), k
