@@ -64,25 +64,36 @@ def _unit_dim(y: torch.Tensor, conv: bool) -> int:
 
 
 def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor:
-    """The :data:`FIELDS` vector of one output tensor, computed on its device without a host sync."""
-    y = y.detach().float()
+    """The :data:`FIELDS` vector of one output tensor, computed on its device without a host sync.
+
+    Cost: a handful of passes over ``y`` (std/mean, ``|y|``, one comparison per fraction). Fractions are
+    integer counts divided by the element count, and per-unit counts are one ``sum`` over the other
+    dimensions, so no boolean mask is converted to float or copied into a units-last layout.
+    """
+    y = y.detach().float()  # a no-op for float32 outputs
+    n = y.numel()
     zero = y.new_zeros(())
-    std, mean = torch.std_mean(y) if y.numel() > 1 else (zero, y.mean())
-    max_abs = y.abs().amax()
+    std, mean = torch.std_mean(y) if n > 1 else (zero, y.mean())
+    a = y.abs()
+    max_abs = a.amax()
     zero_frac = dead = saturated = zero
     if kind in ("relu", "linear"):
         off = y == 0 if kind == "relu" else y <= 0
-        zero_frac = off.float().mean()
         if y.ndim >= 2:
             dim = _unit_dim(y, conv)
-            active = (~off).movedim(dim, -1).reshape(-1, y.shape[dim]).float().mean(dim=0)
+            per_unit = n // y.shape[dim]  # samples (and positions) per unit
+            n_off = off.sum(dim=[d for d in range(y.ndim) if d != dim])  # per unit
+            zero_frac = n_off.sum() / n
+            active = (per_unit - n_off) / per_unit
             dead = (active < DEAD_RATE).float().mean()
+        else:
+            zero_frac = off.sum() / n
     if kind == "tanh":
-        saturated = (y.abs() > 0.99).float().mean()
+        saturated = (a > 0.99).sum() / n
     elif kind == "sigmoid":
-        saturated = ((y < 0.01) | (y > 0.99)).float().mean()
+        saturated = ((y < 0.01) | (y > 0.99)).sum() / n
     elif kind == "linear":
-        saturated = (y.abs() > TANH_FLAT).float().mean()
+        saturated = (a > TANH_FLAT).sum() / n
     return torch.stack([mean, std, max_abs, zero_frac, dead, saturated])
 
 
