@@ -248,6 +248,18 @@ class ActStats(pl.Callback):
         self._handles.clear()
 
 
+class NormsFloor(pl.Callback):
+    """Reference, not a tool: each step's gradient norms with one ``_foreach_norm``, kept on device, nothing else.
+
+    The floor of any monitor that looks at every step's gradients (gradwatch's per-step work is this plus
+    a few small ops), so that the table shows how much of gradwatch's cost is the measurement itself.
+    """
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.last = torch.stack(torch._foreach_norm(grads, 2))
+
+
 class WandbWatch(pl.Callback):
     """``wandb.watch(model, log="all", log_freq=...)`` with a commit every step (offline)."""
 
@@ -325,6 +337,7 @@ def configs() -> list[Config]:
             lambda: [gw(remedies="off", activations=False, inputs=False, update_ratio=False)],
             "no activations/inputs/update ratio, every 20",
         ),
+        Config("norms_floor", lambda: [NormsFloor()], "reference: one _foreach_norm per step, nothing else"),
         Config("grad_norm", lambda: [], "Lightning grad_norm logged every step", grad_norm=True),
         Config("wandb_all_1", lambda: [WandbWatch(1)], 'wandb.watch(log="all", log_freq=1)', needs="wandb"),
         Config(
