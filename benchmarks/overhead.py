@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -473,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[str, list[float]] = {c.name: [] for c in chosen}
     peaks: dict[str, int] = {}
+    stop: list[str] = []  # a SIGTERM (e.g. from `timeout`) ends the benchmark after the current run
+    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
     start = time.perf_counter()
     done = 0
     for r in range(rounds + 1):  # round 0 warms up caches, allocators and imports: not counted
@@ -481,15 +484,29 @@ def main(argv: list[str] | None = None) -> int:
             break
         k = r % len(chosen)
         order = chosen[k:] + chosen[:k]  # rotate: no config always runs right after another
-        line = []
+        got: dict[str, tuple[float, int]] = {}
         for cfg in order:
-            t, peak = run_once(wl, cfg, warmup, steps, root)
-            if r > 0:
-                times[cfg.name].append(t)
-                peaks[cfg.name] = max(peaks.get(cfg.name, 0), peak)
-            line.append(f"{cfg.name}={t * 1e3:.2f}")
+            if stop:
+                break
+            try:
+                got[cfg.name] = run_once(wl, cfg, warmup, steps, root)
+            except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns SIGTERM into SystemExit
+                stop.append(type(err).__name__)
+        if len(got) < len(order):
+            print(
+                f"note: stopped ({stop[0] if stop else 'error'}) during round {r}: that round is not counted"
+            )
+            break
+        if r > 0:
+            for name, (t, peak) in got.items():
+                times[name].append(t)
+                peaks[name] = max(peaks.get(name, 0), peak)
         done = r
-        print(f"round {r}{' (warm-up)' if r == 0 else ''}: " + " ".join(line) + " ms/step", flush=True)
+        line = " ".join(f"{c.name}={got[c.name][0] * 1e3:.2f}" for c in order)
+        print(f"round {r}{' (warm-up)' if r == 0 else ''}: {line} ms/step", flush=True)
+    if done == 0:
+        print("no timed round completed: no table")
+        return 1
 
     bare = statistics.median(times["bare"])
     show_mem = any(peaks.values())
