@@ -23,13 +23,14 @@ def scalar_writer(logger: Any) -> Any | None:
     """The event-file writer behind a TensorBoardLogger, for writing a step's scalars as one event; else None.
 
     Lightning's ``log_metrics`` writes one event per scalar through ``SummaryWriter.add_scalar``, and each
-    event costs a hand-off to the writer's background thread (~60-80 us on a loaded CPU): at 4-10 scalars
-    per optimizer step that was most of gradwatch's per-step cost on a small CPU model. One
-    ``Summary`` holding every value of the step is one event, read back identically (same tags, steps and
-    float32 values: ``tests/test_sinks.py::test_one_event_per_step_matches_log_metrics``).
+    event costs a hand-off to the writer's background thread, which computes a pure-Python CRC while
+    holding the GIL (~65 us per event measured on a 2-core CPU; docs/performance.md). A read writes 4-10
+    scalars for each step since the last read. One ``Summary`` holding every value of the step is one
+    event, read back identically (same tags, steps and float32 values:
+    ``tests/test_sinks.py::test_one_event_per_step_matches_log_metrics``).
 
-    Private access, isolated here: ``SummaryWriter._get_file_writer()`` (torch's writer; tensorboardX's has
-    the same method) and the logger's ``_prefix`` (a prefixed logger keeps ``log_metrics``, which applies it).
+    Private access, isolated here: ``SummaryWriter._get_file_writer()`` and the logger's ``_prefix`` (a
+    prefixed logger, or a writer without that method, keeps ``log_metrics``).
     """
     if not is_tensorboard_logger(logger) or getattr(logger, "_prefix", ""):
         return None
