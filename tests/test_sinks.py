@@ -190,3 +190,37 @@ def test_failed_run_writes_a_failed_summary(tmp_path, loaders):
         trainer(tmp_path, [mon], max_steps=10, logger=False).fit(Boom(), loaders[0])
     (summary,) = [e for e in read_events(mon.events_path) if e["kind"] == "summary"]
     assert summary["status"] == "failed"
+
+
+def test_one_event_per_step_matches_log_metrics(tmp_path):
+    """The TensorBoard sink writes a step's scalars as one event; read back, it is what log_metrics writes."""
+    import math
+
+    from gradwatch.sinks.tensorboard import TensorBoard, scalar_writer
+
+    fast = pl.loggers.TensorBoardLogger(str(tmp_path), name="fast")
+    ref = pl.loggers.TensorBoardLogger(str(tmp_path), name="ref")
+    assert scalar_writer(fast) is not None  # pins the private access (SummaryWriter._get_file_writer)
+    assert scalar_writer(pl.loggers.TensorBoardLogger(str(tmp_path), name="p", prefix="p")) is None
+    assert scalar_writer(pl.loggers.CSVLogger(str(tmp_path))) is None
+    sink = TensorBoard([fast])
+    rows = [
+        (0, {"gradwatch/loss/train": 2.302585, "gradwatch/grad_norm/total": 1.5, "gradwatch/lr": 0.1}),
+        (1, {"gradwatch/loss/train": 1.9, "gradwatch/grad_norm/total": math.inf, "gradwatch/lr": 0.1}),
+        (2, {"gradwatch/loss/train": math.nan, "gradwatch/grad_norm/total": 1e30, "gradwatch/lr": 0.05}),
+        (2, {"gradwatch/weight_norm/total": 12.25}),  # a second write at the same step
+    ]
+    for step, values in rows:
+        sink.scalars(step, values)
+        ref.log_metrics(values, step=step)
+    fast.experiment.flush()
+    ref.experiment.flush()
+    a, b = _tb(fast.log_dir), _tb(ref.log_dir)
+    assert sorted(a.Tags()["scalars"]) == sorted(b.Tags()["scalars"])
+    for tag in b.Tags()["scalars"]:
+        got = [(e.step, e.value) for e in a.Scalars(tag)]
+        want = [(e.step, e.value) for e in b.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in want], tag
+        assert all(
+            x == y or (math.isnan(x) and math.isnan(y)) for (_, x), (_, y) in zip(got, want, strict=True)
+        ), tag

@@ -1,28 +1,46 @@
-"""gradwatch adds no host sync on non-scheduled steps, and reads back once per scheduled step."""
+"""gradwatch adds no host sync on non-scheduled steps, and reads back once per scheduled step.
+
+Pinned per step, for the default config and the everything-on config: the scalar reads and
+device-to-host copies that :class:`~gradwatch.testing.SyncCounter` sees in gradwatch's hooks (and in its
+activation hooks, inside the forward), and the calls of ``Transfer.read`` (the one stacked transfer). On
+CPU ``.cpu()`` is no copy, so the counter sees nothing there and ``Transfer.read`` is what is counted;
+on CUDA (the ``cuda`` cases, run by ``benchmarks/gpu.sh``) the counter sees that one copy too.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+
+import pytest
 import pytorch_lightning as pl
+import torch
 from models import DigitsMLP, trainer
 
 import gradwatch
+from gradwatch.stats import Transfer
 from gradwatch.testing import SyncCounter
 
 
 class CountedMonitor(gradwatch.HealthMonitor):
-    """The real callback, with each per-step hook run under a sync counter."""
+    """The real callback, with each per-step hook run under a sync counter.
+
+    Counts are keyed by the optimizer step the batch runs (``global_step`` at the batch's start; Lightning
+    has already advanced it when ``on_train_batch_end`` runs).
+    """
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.syncs: dict[int, int] = {}
+        self.step: int | None = None
 
     def _counted(self, hook, trainer, *args):
-        step = trainer.global_step
+        step = self.step
         with SyncCounter() as c:
             hook(trainer, *args)
         self.syncs[step] = self.syncs.get(step, 0) + c.count
 
     def on_train_batch_start(self, trainer, *args):
+        self.step = trainer.global_step
         self._counted(super().on_train_batch_start, trainer, *args)
 
     def on_before_optimizer_step(self, trainer, *args):
@@ -30,6 +48,22 @@ class CountedMonitor(gradwatch.HealthMonitor):
 
     def on_train_batch_end(self, trainer, *args):
         self._counted(super().on_train_batch_end, trainer, *args)
+        self.step = None
+
+
+class CountedMLP(DigitsMLP):
+    """The test model, its forward (where gradwatch's activation hooks run) under a sync counter."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.forward_syncs: Counter[int] = Counter()
+
+    def forward(self, x):
+        with SyncCounter() as c:
+            out = super().forward(x)
+        if self.training:
+            self.forward_syncs[self.global_step] += c.count
+        return out
 
 
 def test_no_scalar_syncs_in_any_training_hook(tmp_path, loaders):
@@ -61,3 +95,38 @@ def test_reads_happen_only_on_scheduled_steps(tmp_path, loaders):
     mon = gradwatch.HealthMonitor(every_n_steps=4)
     trainer(tmp_path, [mon, Reads()], max_steps=13, logger=False).fit(DigitsMLP(), loaders[0])
     assert reads == [0, 4, 8, 12]
+
+
+SYNC_CONFIGS = {
+    "default": dict(remedies="off"),
+    "everything_on": dict(remedies="off", every_n_steps=5, per_layer=True),
+}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu.sh)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("config", sorted(SYNC_CONFIGS))
+def test_sync_budget_per_step(tmp_path, loaders, monkeypatch, config, device):
+    """Non-scheduled step: 0 syncs. Scheduled step: 1 ``Transfer.read``, and on CUDA its 1 copy, nothing else."""
+    mon = CountedMonitor(**SYNC_CONFIGS[config])
+    reads: Counter[int | None] = Counter()
+    read = Transfer.read
+
+    def counted_read(self, *args, **kwargs):  # the real read, counted against the step it runs in
+        reads[mon.step] += 1
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transfer, "read", counted_read)
+    steps = 25
+    model = CountedMLP()
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    trainer(tmp_path, [mon], max_steps=steps, accelerator=accelerator).fit(model, loaders[0])
+
+    scheduled = [s for s in range(steps) if mon.monitor.schedule(s)]
+    assert len(scheduled) == (2 if config == "default" else 5)
+    in_steps = {s: n for s, n in reads.items() if s is not None}
+    assert in_steps == {s: 1 for s in scheduled}  # one stacked transfer per scheduled step, none elsewhere
+    assert reads[None] <= 1  # the end of fit flushes what the last scheduled step left (steps 21-24)
+    copy = 1 if device == "cuda" else 0  # .cpu() is a device-to-host copy only off the CPU
+    hooks = {s: mon.syncs.get(s, 0) + model.forward_syncs[s] for s in range(steps)}
+    assert hooks == {s: copy if s in scheduled else 0 for s in range(steps)}, (mon.syncs, model.forward_syncs)

@@ -63,40 +63,40 @@ def _unit_dim(y: torch.Tensor, conv: bool) -> int:
     return y.ndim - 1
 
 
-def unit_activity(y: torch.Tensor, kind: str, conv: bool = False) -> torch.Tensor | None:
-    """Per unit, the fraction of samples (and positions) where it is active (``> 0``), for relu/linear kinds."""
-    if kind not in ("relu", "linear") or y.ndim < 2:
-        return None
-    dim = _unit_dim(y, conv)
-    return (y.detach() > 0).movedim(dim, -1).reshape(-1, y.shape[dim]).float().mean(dim=0)
+def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The :data:`FIELDS` vector of one output tensor, and per unit the fraction of samples where it is
+    active (relu/linear kinds, else ``None``), computed on its device without a host sync.
 
-
-def summarize(
-    y: torch.Tensor, kind: str, conv: bool = False, active: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The :data:`FIELDS` vector of one output tensor, computed on its device without a host sync.
-
-    ``active`` is :func:`unit_activity` of ``y`` if the caller already has it.
+    Cost: a handful of passes over ``y`` (std/mean, ``|y|``, one comparison per fraction). Fractions are
+    integer counts divided by the element count, and per-unit counts are one ``sum`` over the other
+    dimensions, so no boolean mask is converted to float or copied into a units-last layout.
     """
-    y = y.detach().float()
+    y = y.detach().float()  # a no-op for float32 outputs
+    n = y.numel()
     zero = y.new_zeros(())
-    std, mean = torch.std_mean(y) if y.numel() > 1 else (zero, y.mean())
-    max_abs = y.abs().amax()
+    std, mean = torch.std_mean(y) if n > 1 else (zero, y.mean())
+    a = y.abs()
+    max_abs = a.amax()
     zero_frac = dead = saturated = zero
+    active = None
     if kind in ("relu", "linear"):
         off = y == 0 if kind == "relu" else y <= 0
-        zero_frac = off.float().mean()
-        if active is None:
-            active = unit_activity(y, kind, conv)
-        if active is not None:
+        if y.ndim >= 2:
+            dim = _unit_dim(y, conv)
+            per_unit = n // y.shape[dim]  # samples (and positions) per unit
+            n_off = off.sum(dim=[d for d in range(y.ndim) if d != dim])  # per unit
+            zero_frac = n_off.sum() / n
+            active = (per_unit - n_off) / per_unit
             dead = (active < DEAD_RATE).float().mean()
+        else:
+            zero_frac = off.sum() / n
     if kind == "tanh":
-        saturated = (y.abs() > 0.99).float().mean()
+        saturated = (a > 0.99).sum() / n
     elif kind == "sigmoid":
-        saturated = ((y < 0.01) | (y > 0.99)).float().mean()
+        saturated = ((y < 0.01) | (y > 0.99)).sum() / n
     elif kind == "linear":
-        saturated = (y.abs() > TANH_FLAT).float().mean()
-    return torch.stack([mean, std, max_abs, zero_frac, dead, saturated])
+        saturated = (a > TANH_FLAT).sum() / n
+    return torch.stack([mean, std, max_abs, zero_frac, dead, saturated]), active
 
 
 class ActivationProbe:
@@ -150,10 +150,9 @@ class ActivationProbe:
             y = output[0] if isinstance(output, tuple | list) else output
             if isinstance(y, torch.Tensor) and y.is_floating_point() and y.numel() > 0:
                 with torch.no_grad():
-                    active = unit_activity(y, kind, conv)
+                    self._captured[name], active = summarize(y, kind, conv)
                     if active is not None:
                         self.activity[name] = active  # kept on device for remedies (reinitialize)
-                    self._captured[name] = summarize(y, kind, conv, active)
 
         return hook
 

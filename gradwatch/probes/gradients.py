@@ -46,25 +46,46 @@ class GradientProbe:
         grads: list[torch.Tensor] = []
         idx: list[int] = []
         index_of = self.layout.index_of
+        sharded = self.layout.sharded
         for p in params:
             i = index_of.get(id(p))
-            if i is not None and p.grad is not None:
-                grads.append(local(p.grad))  # a sharded gradient: this rank's shard (summed at the read)
+            g = p.grad
+            if i is not None and g is not None:
+                grads.append(local(g) if sharded else g)  # sharded: this rank's shard (summed at the read)
                 idx.append(i)
         if not grads:
             return None
-        device = grads[0].device
         norms = foreach_norms(grads)
-        bad = ~torch.isfinite(norms)
-        sq = norms.square()
-        count = bad.sum()
-        positions = self._indices(tuple(idx), device)
-        # argmax of a 0/1 vector is its first 1; index_select keeps it on device (a tensor index would sync)
-        first = torch.where(
-            count > 0, positions.index_select(0, bad.to(torch.float32).argmax().reshape(1))[0], -1
-        )
+        positions = self._indices(tuple(idx), norms.device)
+        sq_total, count, first = nonfinite_summary(norms, positions, len(self.layout))
         layers = None
         if per_layer:
-            layers = torch.zeros(len(self.layout.layers), dtype=sq.dtype, device=device)
-            layers.index_add_(0, self.layout.layer_index.to(device)[positions], sq)
-        return sq.sum(), count, first, layers
+            layers = torch.zeros(len(self.layout.layers), dtype=norms.dtype, device=norms.device)
+            layers.index_add_(0, self.layout.layer_index.to(norms.device)[positions], norms.square())
+        return sq_total, count, first, layers
+
+
+def nonfinite_summary(
+    norms: torch.Tensor, positions: torch.Tensor, none: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum of squares, non-finite count, first non-finite position or -1)`` of a norm vector, on device.
+
+    The hot path of every step, so it is written for few kernel launches (about eight small ops):
+    ``dot`` for the sum of squares (Inf/NaN propagate as with ``square().sum()``), and the first bad
+    position as the minimum of the positions where the norm is non-finite (``none``, larger than every
+    position, standing for "no such position"), without a host read.
+
+    Example:
+        >>> n = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+        >>> sq, count, first = nonfinite_summary(torch.tensor([3.0, 4.0]), torch.tensor([0, 1]), 2)
+        >>> float(sq), int(count), int(first)
+        (25.0, 0, -1)
+        >>> _, count, first = nonfinite_summary(n, torch.tensor([5, 6, 7, 8]), 9)
+        >>> int(count), int(first)
+        (2, 6)
+    """
+    fin = torch.isfinite(norms)
+    count = fin.logical_not().sum()
+    lowest = torch.where(fin, none, positions).amin()
+    first = torch.where(lowest < none, lowest, -1)
+    return torch.dot(norms, norms), count, first
