@@ -67,9 +67,17 @@ class CountedMLP(DigitsMLP):
 
 
 def test_no_scalar_syncs_in_any_training_hook(tmp_path, loaders):
-    mon = CountedMonitor(every_n_steps=5, per_layer=True)
+    mon = CountedMonitor(every_n_steps=5, per_layer=True, remedies="off")
     trainer(tmp_path, [mon], max_steps=20).fit(DigitsMLP(), loaders[0])
     assert len(mon.syncs) >= 20 and set(mon.syncs.values()) == {0}, mon.syncs
+
+
+def test_remedies_auto_adds_exactly_the_skip_decision(tmp_path, loaders):
+    """remedies="auto": one scalar read per step, skip_step's decision; clipping stays on device."""
+    mon = CountedMonitor(every_n_steps=5, per_layer=True)
+    trainer(tmp_path, [mon], max_steps=20).fit(DigitsMLP(), loaders[0])
+    assert len(mon.syncs) >= 20 and set(mon.syncs.values()) == {1}, mon.syncs
+    assert any(a.remedy == "clip_gradients" for a in mon.actions) or mon.monitor.clip.n == 20
 
 
 def test_counter_sees_item_and_bool():

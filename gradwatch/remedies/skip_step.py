@@ -56,12 +56,13 @@ class SkipStep(Remedy):
 
     def decide(self, count: torch.Tensor, sq: torch.Tensor, reduce_any: Any) -> tuple[bool, float, int]:
         """Whether to skip, from the step's non-finite count; returns ``(skip, grad_norm, nonfinite)``."""
-        n, norm_sq = torch.stack(
-            [count.float(), sq.float()]
-        ).tolist()  # sync: the skip decision is needed now
-        skip = reduce_any(n > 0)
+        bad = bool(count > 0)  # sync: the one per step; whether to skip must be known before the step
+        skip = reduce_any(bad)
         self.consecutive = self.consecutive + 1 if skip else 0
-        return skip, norm_sq**0.5 if norm_sq >= 0 else float("nan"), int(n)
+        if not skip:
+            return False, float("nan"), 0
+        n, norm_sq = torch.stack([count.float(), sq.float()]).tolist()  # sync: only on a skipped step
+        return True, norm_sq**0.5 if norm_sq >= 0 else float("nan"), int(n)
 
     def skipped(self, step: int, epoch: int, grad_norm: float, nonfinite: int) -> Action:
         message = (
