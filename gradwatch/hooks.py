@@ -62,6 +62,7 @@ def _context(trainer: Any, pl_module: Any) -> Context:
         request_stop=stop,
         automatic=bool(pl_module.automatic_optimization),
         reduce_any=reduce_any,
+        world_size=int(trainer.world_size),
     )
 
 
@@ -247,7 +248,10 @@ class HealthMonitorHooks:
         for key in keys:
             if key in metrics:
                 step = max(trainer.global_step - 1, 0)  # the last optimizer step before this validation
-                self.monitor.validation_end(step, float(metrics[key]))  # sync: once per validation run
+                value = metrics[key]
+                if trainer.world_size > 1:  # every rank must judge (and early-stop on) the same number
+                    value = trainer.strategy.reduce(value.detach().float().clone(), reduce_op="mean")
+                self.monitor.validation_end(step, float(value))  # sync: once per validation run
                 return
 
     # ------------------------------------------------------------------ checkpoints

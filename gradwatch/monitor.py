@@ -180,6 +180,8 @@ class Monitor:
         self._step_actions: list[Action] = []
         self._clips: list[torch.Tensor] = []
         self._warned_manual: set[str] = set()
+        self._resumed = False
+        self._deferred: list[Finding] = []
 
     def _remedy(self, cls: type) -> Any:
         return next((r for r in self.remedies if isinstance(r, cls)), None)
@@ -199,6 +201,12 @@ class Monitor:
         """
         self.unbind()
         self.context = context
+        if not self._resumed:  # a new run: nothing of an earlier fit's state may be restored into it
+            self.snapshots.ring.clear()
+            self.best = BestWeights()
+            for remedy in self.remedies:
+                remedy.new_run()
+        self._resumed = False
         if self.skip is not None:
             self.skip.bind(model)
         if context is not None:
@@ -225,6 +233,8 @@ class Monitor:
         self._snap_meta = {}
         self._probed_step = None
         self._row = None
+        self._rows, self._clips, self._step_actions = [], [], []
+        self._loss_sum, self._loss_n = None, 0
 
     def close(self) -> None:
         self.unbind()
@@ -287,7 +297,7 @@ class Monitor:
             inv_sq = loss_scale.detach().float().reciprocal().square()
             sq = sq * inv_sq
             layers = layers * inv_sq if layers is not None else None
-        self._repair_gradients(step, epoch, params, sq, count, scaled=loss_scale is not None)
+        self._repair_gradients(self._row["step"], epoch, params, sq, count, scaled=loss_scale is not None)
         row = self._row
         if "sq" in row:  # a second optimizer in the same step: sums of squares add up
             row["sq"] = row["sq"] + sq
@@ -361,12 +371,13 @@ class Monitor:
             return
         self._val_loss = val_loss
         self._emit_scalars(step, {"gradwatch/loss/val": val_loss})
-        if self.early_stop is not None and self.context is not None and math.isfinite(val_loss):
-            self.best.offer(step, val_loss, self.context.model)
-            self.flush()
+        if self.early_stop is not None and self.context is not None:
+            if math.isfinite(val_loss):
+                self.best.offer(step, val_loss, self.context.model)
+            self.flush()  # on every rank alike (the value is the same on every rank: the adapter reduces it)
 
     # ------------------------------------------------------------------ read, judge, act, write
-    def flush(self, *, across_ranks: bool = True) -> list[Finding]:
+    def flush(self, *, across_ranks: bool = True, respond: bool = True) -> list[Finding]:
         """Read everything pending in one transfer, run the detectors and remedies, write to the sinks.
 
         Under ``torch.distributed`` the transfer is all-reduced once (``across_ranks``; a failing rank
@@ -417,8 +428,12 @@ class Monitor:
             action = self.clip.clipped(clipped)
             if action is not None:
                 self.record_action(action)
-        self._respond(new)
-        self._maybe_snapshot(last.step, new)
+        if respond:
+            deferred, self._deferred = self._deferred, []
+            self._respond(deferred + new)
+            self._maybe_snapshot(last.step, new)
+        else:
+            self._deferred.extend(new)
         return new
 
     def _publish(self, findings: list[Finding]) -> None:
@@ -445,7 +460,7 @@ class Monitor:
         if (
             self.skip is not None and not scaled and self.skip.ready(step)
         ):  # a GradScaler skips such steps itself
-            skip, norm, bad = self.skip.decide(count, sq, ctx.reduce_any)
+            skip, norm, bad = self.skip.decide(step, count, sq, ctx.reduce_any)
             if skip:
                 for p in params:
                     p.grad = None  # torch optimizers leave parameters without a gradient untouched
@@ -454,7 +469,8 @@ class Monitor:
                 if self.skip.consecutive >= self.skip.max_consecutive:
                     self._escalate(step, epoch)
                 return
-        if self.clip is not None and watched and self._row is not None:
+        # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
+        if self.clip is not None and watched and self._row is not None and len(ctx.optimizers()) == 1:
             self._row["clip"] = self.clip.clip([p.grad for p in watched], sq)
 
     def _escalate(self, step: int, epoch: int) -> None:
@@ -470,12 +486,17 @@ class Monitor:
                 self._step_actions.append(action)
                 self.skip.consecutive = 0
                 return
-        if self.early_stop is not None and not self.early_stop.stopped:
-            tried = [a for a in self.actions + self._step_actions if a.rule == "nonfinite"]
-            out = self.early_stop.give_up(finding, tried, self)
-            if out is not None:
-                self._publish([out[0]])
-                self._step_actions.append(out[1])
+        self._give_up(finding, self._step_actions.append)
+
+    def _give_up(self, finding: Finding, record: Any) -> None:
+        """The ladder for ``finding`` is spent: early_stop stops with a critical finding saying what was tried."""
+        if self.early_stop is None or self.early_stop.stopped:
+            return
+        tried = [a for a in self.actions + self._step_actions if a.rule == finding.rule]
+        out = self.early_stop.give_up(finding, tried, self)
+        if out is not None:
+            self._publish([out[0]])
+            record(out[1])
 
     def _respond(self, findings: list[Finding]) -> None:
         """Let the remedies answer new warning/critical findings, in ladder order; one action per finding."""
@@ -504,12 +525,8 @@ class Monitor:
                     rolled_back = rolled_back or action.remedy == "rollback"
                     break
             spent = answering and all(r.spent for r in answering)
-            if not acted and spent and finding.severity == "critical" and self.early_stop is not None:
-                tried = [a for a in self.actions if a.rule == finding.rule]
-                out = self.early_stop.give_up(finding, tried, self)
-                if out is not None:
-                    self._publish([out[0]])
-                    self.record_action(out[1])
+            if not acted and spent and finding.severity == "critical":
+                self._give_up(finding, self.record_action)
 
     def _warn_manual(self, remedy: str) -> None:
         if remedy not in self._warned_manual:
@@ -522,7 +539,11 @@ class Monitor:
         Lasting conditions that a rollback would not cure (unnormalized inputs, a plateau, dead units)
         do not block snapshots; instability (non-finite values, spikes, explosion, divergence) does.
         """
-        if self.rollback is None or self.context is None or not self.snapshots.due(step):
+        if (
+            self.rollback is None
+            or self.context is None
+            or not self.snapshots.due(step, self.context.world_size == 1)
+        ):
             return
         if any(f.severity != "info" and f.rule in UNSTABLE for f in new) or any(
             sev != "info"
@@ -686,8 +707,12 @@ class Monitor:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything that changes over a run, for checkpoints. Pending device rows are flushed first."""
-        self.flush()
+        """Everything that changes over a run, for checkpoints.
+
+        Pending device rows are read and judged first, but remedies wait for the next regular read: a
+        checkpoint is being written, and its weights were captured before this call.
+        """
+        self.flush(respond=False)
         return {
             "version": STATE_VERSION,
             "detectors": {type(d).__name__: d.state_dict() for d in self.detectors},
@@ -699,7 +724,9 @@ class Monitor:
             "last_epoch": self.last_epoch,
             "ranges": {k: dict(v) for k, v in self.ranges.items()},
             "lr": self.lr.state(),
-            "snapshot_steps": [snap.step for snap in self.snapshots.ring],
+            "best_val_loss": self.best.loss,
+            "best_step": self.best.step,
+            "deferred": [f.to_dict() for f in self._deferred],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -716,3 +743,14 @@ class Monitor:
         self.last_epoch = state.get("last_epoch", 0)
         self.ranges = {k: dict(v) for k, v in state.get("ranges", {}).items()}
         self.lr.load(state.get("lr", {}))
+        if state.get("version", STATE_VERSION) > STATE_VERSION:
+            log.warning(
+                "gradwatch: checkpoint state version %s is newer than this gradwatch's %s",
+                state.get("version"),
+                STATE_VERSION,
+            )
+        # the weights are not in the checkpoint: early stop keeps the last weights unless a better one comes
+        self.best.loss = float(state.get("best_val_loss", math.inf))
+        self.best.step = int(state.get("best_step", -1))
+        self._deferred = [Finding.from_dict(f) for f in state.get("deferred", [])]
+        self._resumed = True

@@ -346,7 +346,8 @@ def test_remedies_work_under_manual_optimization(tmp_path, loaders):
             lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
     mon = gradwatch.HealthMonitor(
-        every_n_steps=5, remedies=[SkipStep(), ReduceLR(factor=0.5)],
+        every_n_steps=5,
+        remedies=[SkipStep(), ReduceLR(factor=0.5)],
         detectors=[NonFinite(), FireAt("exploding_gradients", {7})],
     )
     model = Manual()
@@ -355,3 +356,23 @@ def test_remedies_work_under_manual_optimization(tmp_path, loaders):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for k in range(11, 15):  # read at step 10: from 11 on, the user's schedule, halved
         assert lrs[k] == pytest.approx(0.5 * 0.1 / (1 + 0.1 * k), rel=1e-9), k
+
+
+def test_a_second_fit_never_restores_the_first_fits_state(tmp_path, loaders):
+    """One monitor, two fits: snapshots, best weights and cooldowns belong to their own run."""
+
+    class NaNs(DigitsMLP):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if self.global_step in (12, 13, 14) and self.hparams.nan_at_step == 12:
+                x = torch.full_like(x, math.nan)
+            return F.cross_entropy(self(x), y)
+
+    mon = gradwatch.HealthMonitor(every_n_steps=5, snapshot_every=5)
+    trainer(tmp_path, [mon], max_steps=60, max_epochs=-1, logger=False).fit(NaNs(), loaders[0])
+    assert mon.monitor.snapshots.ring and mon.monitor.snapshots.ring[-1].step >= 50
+    second = NaNs(nan_at_step=12)
+    trainer(tmp_path, [mon], max_steps=20, logger=False).fit(second, loaders[0])
+    (rollback,) = [a for a in mon.actions if a.remedy == "rollback"]
+    assert rollback.detail["restored_step"] <= 10  # this run's own healthy state, not step 55 of the first
+    assert all(torch.isfinite(p).all() for p in second.parameters())

@@ -61,6 +61,10 @@ class Remedy:
         self.last_step = action.step
         return action
 
+    def new_run(self) -> None:
+        """A new fit (not a resume): forget step-based state; the budget stays spent for this monitor."""
+        self.last_step = None
+
     @property
     def spent(self) -> bool:
         return self.used >= self.budget

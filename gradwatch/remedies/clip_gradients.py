@@ -94,13 +94,13 @@ class ClipGradients(Remedy):
         var = float(self._var) if self._var is not None else math.nan  # sync: checkpoint only
         return {**super().state_dict(), "n": self.n, "mean": mean, "var": var}
 
+    def new_run(self) -> None:
+        super().new_run()
+        self.n, self._mean, self._var = 0, None, None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.n = state.get("n", 0)
         if self.n and math.isfinite(state.get("mean", math.nan)):
             self._mean = torch.tensor(state["mean"])
             self._var = torch.tensor(state["var"])
-
-    def to(self, device: torch.device) -> None:
-        if self._mean is not None and self._var is not None:
-            self._mean, self._var = self._mean.to(device), self._var.to(device)

@@ -38,6 +38,7 @@ class Context:
     request_stop: Callable[[], None] = lambda: None
     automatic: bool = True
     reduce_any: Callable[[bool], bool] = bool
+    world_size: int = 1
 
 
 def _to_host(obj: Any) -> Any:
@@ -171,14 +172,14 @@ class Snapshots:
     last_seconds: float = 0.0
     _last_time: float = 0.0
 
-    def due(self, step: int) -> bool:
+    def due(self, step: int, timed: bool = True) -> bool:
+        """Whether a snapshot is due at ``step``. ``timed=False`` drops the time budget, which differs per
+        rank: under DDP every rank must keep the same snapshots, so only the step count decides."""
         if not self.ring:
             return True
-        waited = time.perf_counter() - self._last_time
-        return (
-            step - self.ring[-1].step >= self.every_n_steps
-            and waited * self.max_overhead >= self.last_seconds
-        )
+        if step - self.ring[-1].step < self.every_n_steps:
+            return False
+        return not timed or (time.perf_counter() - self._last_time) * self.max_overhead >= self.last_seconds
 
     def take(self, step: int, ctx: Context, lr: float = float("nan"), lr_applied: float = 1.0) -> Snapshot:
         t0 = time.perf_counter()

@@ -74,9 +74,6 @@ class EarlyStop(Remedy):
         )
         return explain, action
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "stopped": self.stopped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.stopped = state.get("stopped", False)
+    def new_run(self) -> None:
+        super().new_run()
+        self.stopped = False

@@ -25,6 +25,54 @@ def _units_in(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels
 
 
+_ELEMENTWISE = (
+    *_NORMS,
+    nn.Dropout,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.Softplus,
+    nn.SELU,
+    nn.CELU,
+    nn.PReLU,
+)
+
+
+def _elementwise_run(modules: list[tuple[str, nn.Module]], i: int) -> list[nn.Module]:
+    """The leaf modules right after ``modules[i]`` (registration order) that keep its units as they are.
+
+    The next Linear/Conv is the units' consumer only if nothing else (pooling, flattening, attention)
+    comes between. Registration order is taken as execution order, which holds for ``nn.Sequential``
+    stacks; anything unknown stops the search, and then outgoing weights are left alone.
+    """
+    out: list[nn.Module] = []
+    for _, m in modules[i + 1 :]:
+        if not isinstance(m, _ELEMENTWISE):
+            break
+        out.append(m)
+    return out
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over every rank when ``torch.distributed`` runs with several ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def reset_optimizer_state(
     optimizers: list[torch.optim.Optimizer],
     param: torch.Tensor,
@@ -78,6 +126,10 @@ class Reinitialize(Remedy):
         self.max_step = check_positive_int("Reinitialize(max_step=...)", max_step, 2000)
         self.seed = seed
         self.done: list[str] = []
+
+    def new_run(self) -> None:
+        super().new_run()
+        self.done = []
 
     # ------------------------------------------------------------------ acting
     def respond(self, finding: Finding, monitor: Any) -> Action | None:
@@ -134,6 +186,7 @@ class Reinitialize(Remedy):
         units = _units_out(producer)
         if activity.numel() != units:
             return None
+        activity = mean_over_ranks(activity)  # every rank must re-initialize the same units
         dead = torch.nonzero(activity < DEAD_RATE).flatten().cpu()  # sync: acting, rare
         if dead.numel() == 0:
             return None
@@ -145,7 +198,8 @@ class Reinitialize(Remedy):
         if producer.bias is not None:
             producer.bias.index_fill_(0, dead.to(producer.bias.device), 0.0)
             touched += reset_optimizer_state(optimizers, producer.bias, dead)
-        norms = [m for _, m in modules[i + 1 :] if isinstance(m, _NORMS) and m.num_features == units][:1]
+        after = _elementwise_run(modules, i)  # the modules the units' values flow through unchanged in shape
+        norms = [m for m in after if isinstance(m, _NORMS) and m.num_features == units][:1]
         for bn in norms:
             d = dead.to(bn.weight.device)
             bn.weight.index_fill_(0, d, 1.0)
@@ -156,9 +210,8 @@ class Reinitialize(Remedy):
             touched += reset_optimizer_state(optimizers, bn.weight, dead) + reset_optimizer_state(
                 optimizers, bn.bias, dead
             )
-        consumer = next(
-            (m for _, m in modules[i + 1 :] if isinstance(m, _WEIGHTED) and _units_in(m) == units), None
-        )
+        nxt = modules[i + 1 + len(after)][1] if i + 1 + len(after) < len(modules) else None
+        consumer = nxt if isinstance(nxt, _WEIGHTED) and _units_in(nxt) == units else None
         whole = dead.numel() >= 0.9 * units
         if consumer is not None:
             cw = consumer.weight

@@ -26,7 +26,7 @@ class Rollback(Remedy):
     """
 
     name = "rollback"
-    answers = ("nonfinite", "divergence")
+    answers = ("nonfinite", "divergence", "exploding_gradients")
 
     def __init__(
         self,

@@ -38,6 +38,7 @@ class SkipStep(Remedy):
         self.max_consecutive = check_positive_int("SkipStep(max_consecutive=...)", max_consecutive, 3)
         self.consecutive = 0
         self._buffers: list[torch.Tensor] | None = None
+        self._counted_step: int | None = None
         self._saved: list[torch.Tensor] = []
 
     def bind(self, model: torch.nn.Module) -> None:
@@ -54,11 +55,19 @@ class SkipStep(Remedy):
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._saved)
 
-    def decide(self, count: torch.Tensor, sq: torch.Tensor, reduce_any: Any) -> tuple[bool, float, int]:
-        """Whether to skip, from the step's non-finite count; returns ``(skip, grad_norm, nonfinite)``."""
+    def decide(
+        self, step: int, count: torch.Tensor, sq: torch.Tensor, reduce_any: Any
+    ) -> tuple[bool, float, int]:
+        """Whether to skip, from the step's non-finite count; returns ``(skip, grad_norm, nonfinite)``.
+
+        With several optimizers in one step (manual optimization) each is decided on its own gradients,
+        but the step counts once towards ``max_consecutive``.
+        """
         bad = bool(count > 0)  # sync: the one per step; whether to skip must be known before the step
         skip = reduce_any(bad)
-        self.consecutive = self.consecutive + 1 if skip else 0
+        if self._counted_step != step:
+            self._counted_step = step
+            self.consecutive = self.consecutive + 1 if skip else 0
         if not skip:
             return False, float("nan"), 0
         n, norm_sq = torch.stack([count.float(), sq.float()]).tolist()  # sync: only on a skipped step
@@ -79,6 +88,10 @@ class SkipStep(Remedy):
 
     def respond(self, finding: Finding, monitor: Any) -> Action | None:
         return None  # acts per step, in the gradient hook, before the finding is read
+
+    def new_run(self) -> None:
+        super().new_run()
+        self.consecutive, self._counted_step = 0, None
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "consecutive": self.consecutive}
