@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from gradwatch.errors import ConfigError, check_positive_int
 from gradwatch.findings import Action, Finding
 from gradwatch.probes import ActivationProbe, GradientProbe, ParamLayout, WeightProbe, input_stats
 from gradwatch.probes.activations import FIELDS
+from gradwatch.probes.gradients import nonfinite_summary
 from gradwatch.remedies import (
     LADDER,
     BestWeights,
@@ -75,8 +76,13 @@ class _PendingRow:
     step: int
     epoch: int
     lr: float | None
-    values: torch.Tensor  # ROW_FIELDS, on device
+    values: torch.Tensor | None  # ROW_FIELDS on device, once derived (at the read)
     has_loss: bool
+    norms: list[torch.Tensor] = field(default_factory=list)  # one vector per optimizer stepped
+    positions: list[torch.Tensor] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)  # one per (micro-)batch
+    scale: torch.Tensor | None = None  # GradScaler: the scale after the step, and whether it skipped
+    skipped: torch.Tensor | None = None
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -155,7 +161,7 @@ class Monitor:
         self._acts: ActivationProbe | None = None
         self._rows: list[_PendingRow] = []
         self._row: dict[str, Any] | None = None
-        self._loss_sum: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []
         self._loss_n = 0
         self._probed_step: int | None = None
         self._snap = Transfer()
@@ -206,6 +212,8 @@ class Monitor:
             self.best = BestWeights()
             for remedy in self.remedies:
                 remedy.new_run()
+            for detector in self.detectors:  # baselines of another run would misjudge this one
+                detector.new_run()
         self._resumed = False
         if self.skip is not None:
             self.skip.bind(model)
@@ -234,7 +242,7 @@ class Monitor:
         self._probed_step = None
         self._row = None
         self._rows, self._clips, self._step_actions = [], [], []
-        self._loss_sum, self._loss_n = None, 0
+        self._losses, self._loss_n = [], 0
 
     def close(self) -> None:
         self.unbind()
@@ -283,7 +291,7 @@ class Monitor:
         first_call = self._row is None
         # a second optimizer in the same batch (manual optimization) belongs to the first one's step
         scheduled = self.schedule(step if first_call else self._row["step"])
-        measured = self._grads.measure(params, per_layer=scheduled)
+        measured = self._grads.measure_raw(params, per_layer=scheduled)
         if first_call:
             self._row = {"step": step, "epoch": epoch, "lr": lr}
             if loss_scale is not None:
@@ -292,19 +300,16 @@ class Monitor:
                 self._weights.snapshot()
         if measured is None:
             return
-        sq, count, first, layers = measured
-        if grads_scaled and loss_scale is not None:  # still scaled: ||g / s||^2 = ||g||^2 * (1/s)^2
-            inv_sq = loss_scale.detach().float().reciprocal().square()
-            sq = sq * inv_sq
-            layers = layers * inv_sq if layers is not None else None
-        self._repair_gradients(self._row["step"], epoch, params, sq, count, scaled=loss_scale is not None)
-        row = self._row
-        if "sq" in row:  # a second optimizer in the same step: sums of squares add up
-            row["sq"] = row["sq"] + sq
-            row["count"] = row["count"] + count
-            row["first"] = torch.where(row["first"] < 0, first, row["first"])
-        else:
-            row.update(sq=sq, count=count, first=first)
+        norms, positions, layers = measured
+        if grads_scaled and loss_scale is not None:  # still scaled: ||g / s|| = ||g|| * (1/s)
+            inv = loss_scale.detach().float().reciprocal()
+            norms = norms * inv
+            layers = layers * inv.square() if layers is not None else None
+        if self.context is not None and (self.skip is not None or self.clip is not None):
+            sq, count, _ = nonfinite_summary(norms, positions, len(self._layout))
+            self._repair_gradients(self._row["step"], epoch, params, sq, count, scaled=loss_scale is not None)
+        self._row.setdefault("norms", []).append(norms)  # derived at the read, for all steps at once
+        self._row.setdefault("positions", []).append(positions)
         if layers is not None:
             prev = self._snap_meta.get("grad_layers")
             self._snap_meta["grad_layers"] = layers if prev is None else prev + layers
@@ -324,42 +329,30 @@ class Monitor:
                 self._snap.add("activations", acts)
                 self._snap_meta["activation_names"] = (names, kinds)
         if loss is not None:
-            loss = loss.detach().float().reshape(())
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._losses.append(loss.detach())
             self._loss_n += 1
         if self._row is None:
             return []  # accumulating: no optimizer step in this batch
         row, self._row = self._row, None
-        device = (
-            row["sq"].device
-            if "sq" in row
-            else (self._layout.device if self._layout else torch.device("cpu"))
+        pending = _PendingRow(
+            row["step"],
+            row["epoch"],
+            row["lr"],
+            None,
+            bool(self._losses),
+            row.get("norms", []),
+            row.get("positions", []),
+            self._losses,
         )
-        has_loss = self._loss_sum is not None
-        loss_mean = (self._loss_sum / self._loss_n).to(device) if has_loss else torch.zeros((), device=device)
-        zero = torch.zeros((), device=device)
-        bad = (row["count"] > 0).float() if "count" in row else zero
         before = row.get("scale_before")
         if before is not None and loss_scale is not None:
-            scale = loss_scale.detach().float().reshape(()).to(device)
-            skipped = (scale < before.to(device)).float()
-        else:
-            scale, skipped = zero + math.nan, zero
-        values = torch.stack(
-            [
-                loss_mean,
-                row["sq"].float() if "sq" in row else zero,
-                row["count"].float() if "count" in row else zero,
-                row["first"].float() * bad if "first" in row else zero,
-                bad,
-                scale,
-                skipped,
-            ]
-        )
-        self._rows.append(_PendingRow(row["step"], row["epoch"], row["lr"], values, has_loss))
+            pending.scale = loss_scale.detach().float().reshape(()).clone()
+            pending.skipped = (pending.scale < before.to(pending.scale.device)).float()
+        self._rows.append(pending)
         if self.clip is not None:
-            self._clips.append(row.get("clip", torch.ones((), device=device)).to(device).reshape(()))
-        self._loss_sum, self._loss_n = None, 0
+            device = self._layout.device if self._layout else torch.device("cpu")
+            self._clips.append(row.get("clip", torch.ones((), device=device)).reshape(()))
+        self._losses, self._loss_n = [], 0
         if self.schedule(row["step"]) or len(self._rows) >= MAX_PENDING_ROWS or self._step_actions:
             return self.flush()
         return []
@@ -389,15 +382,16 @@ class Monitor:
         self._snap = Transfer()
         meta, self._snap_meta = self._snap_meta, {}
         rows, self._rows = self._rows, []
+        values = self._derive(rows)
         # replicated parameters (DDP) hold the same averaged gradient on every rank: mean; shards add up
         shard = SUM if self._layout is not None and self._layout.sharded else MEAN
         modes = (MEAN, shard, shard, SUM, SUM, MEAN, SUM)  # per ROW_FIELDS
-        transfer.add("rows", torch.stack([r.values.to(rows[0].values.device) for r in rows]), modes)
+        transfer.add("rows", values, modes)
         if "grad_layers" in meta:
             transfer.add("grad_layers", meta["grad_layers"], shard)
         clips, self._clips = self._clips, []
         if len(clips) == len(rows) and clips:
-            transfer.add("clips", torch.stack([c.to(rows[0].values.device) for c in clips]), MEAN)
+            transfer.add("clips", torch.stack([c.to(values.device) for c in clips]), MEAN)
         last = rows[-1]
         scheduled = self.schedule(last.step) and self._layout is not None
         if scheduled:
@@ -567,6 +561,48 @@ class Monitor:
     def unit_activity(self, module: str | None) -> torch.Tensor | None:
         """Per-unit activity of ``module`` at the last sampled step (device vector), for remedies."""
         return self._acts.activity.get(module) if self._acts is not None and module else None
+
+    def _derive(self, rows: list[_PendingRow]) -> torch.Tensor:
+        """The ``[rows, ROW_FIELDS]`` values of the pending steps, computed for all of them at once.
+
+        The common case (one optimizer, the same parameters with gradients every step) is a handful of ops
+        on the stacked ``[rows, params]`` norm matrix, however many steps are pending.
+        """
+        device = self._layout.device if self._layout else torch.device("cpu")
+        n_params = len(self._layout) if self._layout else 0
+        zero = torch.zeros(len(rows), device=device)
+        measured = [r for r in rows if r.norms]
+        same = measured and all(
+            len(r.norms) == 1 and r.positions[0] is measured[0].positions[0] for r in measured
+        )
+        if not measured:
+            sq, count, first = zero, zero, zero - 1
+        elif same and len(measured) == len(rows):
+            n = torch.stack([r.norms[0] for r in rows])
+            fin = torch.isfinite(n)
+            count = fin.logical_not().sum(1).float()
+            lowest = torch.where(fin, n_params, rows[0].positions[0]).amin(1)
+            first = torch.where(lowest < n_params, lowest, -1).float()
+            sq = (n * n).sum(1)
+        else:  # several optimizers, or steps with different parameters: one row at a time
+            per_row = []
+            for r in rows:
+                if r.norms:
+                    s_, c_, f_ = nonfinite_summary(torch.cat(r.norms), torch.cat(r.positions), n_params)
+                    per_row.append(torch.stack([s_.float(), c_.float(), f_.float()]))
+                else:
+                    per_row.append(torch.tensor([0.0, 0.0, -1.0], device=device))
+            sq, count, first = torch.stack(per_row).to(device).unbind(1)
+        if all(len(r.losses) == 1 for r in rows):
+            loss = torch.stack([r.losses[0].float().reshape(()) for r in rows]).to(device)
+        else:
+            loss = torch.stack(
+                [torch.stack(r.losses).float().mean() if r.losses else zero[0] for r in rows]
+            ).to(device)
+        bad = (count > 0).float()
+        scale = torch.stack([r.scale if r.scale is not None else zero[0] + math.nan for r in rows]).to(device)
+        skipped = torch.stack([r.skipped if r.skipped is not None else zero[0] for r in rows]).to(device)
+        return torch.stack([loss, sq.float(), count, first * bad, bad, scale, skipped], dim=1)
 
     def _build_stats(self, rows: list[_PendingRow], host: dict[str, Any], meta: dict[str, Any]) -> Stats:
         layout = self._layout

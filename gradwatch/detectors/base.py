@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from typing import Any, ClassVar
 
 from gradwatch.errors import ConfigError
@@ -89,6 +91,22 @@ class Detector:
             self.advice if advice is None else advice,
         )
 
+    def new_run(self) -> None:
+        """Forget everything learned from an earlier run (a new fit, not a resume).
+
+        Resets the state to that of a fresh instance with the same thresholds.
+        """
+        self.active.clear()
+        fresh = copy.copy(self)
+        try:
+            type(self).__init__(
+                fresh, **{k: getattr(self, k) for k in _init_args(type(self)) if hasattr(self, k)}
+            )
+        except TypeError:
+            return  # a plugin whose constructor cannot be replayed keeps its state
+        for name in self.state_fields:
+            setattr(self, name, getattr(fresh, name))
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"active": dict(self.active)}
@@ -111,6 +129,11 @@ class Detector:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _init_args(cls: type) -> list[str]:
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def check_threshold(owner: str, name: str, value: object, low: float = 0.0, example: float = 1.0) -> float:

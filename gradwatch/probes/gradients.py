@@ -33,16 +33,12 @@ class GradientProbe:
             self._index_cache[idx] = cached
         return cached
 
-    def measure(
+    def measure_raw(
         self, params: list[torch.Tensor], per_layer: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """Gradient statistics of ``params`` (those that gradwatch watches and that have a gradient).
-
-        Returns:
-            ``(sq_total, nonfinite_count, first_nonfinite_index, sq_per_layer)`` as device tensors, where
-            ``first_nonfinite_index`` is the position in :class:`ParamLayout` order or -1, and
-            ``sq_per_layer`` is ``None`` unless ``per_layer``. ``None`` when no parameter has a gradient.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The per-parameter norm vector, its positions in :class:`ParamLayout` order, and (on scheduled
+        steps) per-layer squared norms: two ops on a plain step (``_foreach_norm`` and a stack). Everything
+        derived from the norms is computed later, for many steps at once, at the read."""
         grads: list[torch.Tensor] = []
         idx: list[int] = []
         index_of = self.layout.index_of
@@ -57,11 +53,27 @@ class GradientProbe:
             return None
         norms = foreach_norms(grads)
         positions = self._indices(tuple(idx), norms.device)
-        sq_total, count, first = nonfinite_summary(norms, positions, len(self.layout))
         layers = None
         if per_layer:
             layers = torch.zeros(len(self.layout.layers), dtype=norms.dtype, device=norms.device)
             layers.index_add_(0, self.layout.layer_index.to(norms.device)[positions], norms.square())
+        return norms, positions, layers
+
+    def measure(
+        self, params: list[torch.Tensor], per_layer: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """Gradient statistics of ``params`` (those that gradwatch watches and that have a gradient).
+
+        Returns:
+            ``(sq_total, nonfinite_count, first_nonfinite_index, sq_per_layer)`` as device tensors, where
+            ``first_nonfinite_index`` is the position in :class:`ParamLayout` order or -1, and
+            ``sq_per_layer`` is ``None`` unless ``per_layer``. ``None`` when no parameter has a gradient.
+        """
+        raw = self.measure_raw(params, per_layer)
+        if raw is None:
+            return None
+        norms, positions, layers = raw
+        sq_total, count, first = nonfinite_summary(norms, positions, len(self.layout))
         return sq_total, count, first, layers
 
 
