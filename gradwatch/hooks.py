@@ -171,7 +171,12 @@ class HealthMonitorHooks:
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name, every_n_steps=repr(self.monitor.every_n_steps))
+        # Lightning reads this several times per step: format it once
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._generate_state_key(name=self.name, every_n_steps=repr(self.monitor.every_n_steps))
+            self.__dict__["_state_key"] = key
+        return key
 
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
