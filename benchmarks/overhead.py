@@ -58,7 +58,6 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gradwatch  # noqa: E402
-from gradwatch.remedies import REGISTRY  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ workloads
 
@@ -322,10 +321,9 @@ def configs() -> list[Config]:
     gw = gradwatch.HealthMonitor
     out = [
         Config("bare", lambda: [], "no monitor"),
-        Config("default", lambda: [gw(remedies="off")], 'HealthMonitor(remedies="off"): every 20 steps'),
+        Config("default", lambda: [gw()], 'HealthMonitor(): remedies="auto", every 20 steps'),
+        Config("observe", lambda: [gw(remedies="off")], 'HealthMonitor(remedies="off"): observing only'),
     ]
-    if REGISTRY:  # remedies exist in this checkout
-        out.append(Config("auto", lambda: [gw(remedies="auto")], 'HealthMonitor(remedies="auto")'))
     out += [
         Config("every_step", lambda: [gw(remedies="off", every_n_steps=1)], "every_n_steps=1"),
         Config(

@@ -40,11 +40,18 @@ class ClipGradients(Remedy):
             check_threshold("ClipGradients", "warmup_steps", warmup_steps, low=-1, example=25)
         )
         self.n = 0
-        self._mean: torch.Tensor | None = None
-        self._var: torch.Tensor | None = None
+        self._mean: torch.Tensor | float | None = None  # floats on the CPU, device tensors elsewhere
+        self._var: torch.Tensor | float | None = None
 
     def clip(self, grads: list[torch.Tensor], sq_total: torch.Tensor) -> torch.Tensor:
-        """Scale ``grads`` in place; returns the coefficient applied (1 when not clipped), on device."""
+        """Scale ``grads`` in place; returns the coefficient applied (1 when not clipped), on device.
+
+        On an accelerator every step is a few device ops and no host read. On the CPU a read costs
+        nothing (there is no device to wait for), so the same arithmetic runs on Python floats and the
+        gradients are only touched when they are clipped.
+        """
+        if sq_total.device.type == "cpu":
+            return torch.tensor(self._clip_on_host(grads, float(sq_total)))  # sync: none on the CPU
         norm = sq_total.detach().float().sqrt()
         finite = torch.isfinite(norm)
         if self._mean is None or self._var is None:
@@ -64,6 +71,27 @@ class ClipGradients(Remedy):
         self._mean = torch.where(finite, self._mean + (1 - a) * d, self._mean)
         self._var = torch.where(finite, a * (self._var + (1 - a) * d * d), self._var)
         self.n += 1
+        return coef
+
+    def _clip_on_host(self, grads: list[torch.Tensor], sq: float) -> float:
+        norm = math.sqrt(sq) if sq >= 0 else math.nan
+        finite = math.isfinite(norm)
+        mean = float(self._mean) if self._mean is not None else None  # sync: none on the CPU
+        var = float(self._var) if self._var is not None else 0.0  # sync: none on the CPU
+        if mean is None:
+            self._mean, self._var, self.n = (norm if finite else 0.0), 0.0, 1
+            return 1.0
+        coef, seen = 1.0, norm
+        if self.n >= self.warmup_steps:
+            threshold = mean + self.z * math.sqrt(var)
+            if finite and norm > threshold:
+                coef = threshold / (norm + 1e-12)
+                torch._foreach_mul_(grads, coef)
+            seen = min(norm, threshold)
+        if finite:
+            d = seen - mean
+            mean, var = mean + (1 - self.alpha) * d, self.alpha * (var + (1 - self.alpha) * d * d)
+        self._mean, self._var, self.n = mean, var, self.n + 1
         return coef
 
     def clipped(self, steps: list[tuple[int, int, float, float]]) -> Action | None:
