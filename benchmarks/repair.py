@@ -99,7 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actions", action="store_true", help="print gradwatch's actions in auto runs")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "gradwatch"):
+    import zclip  # noqa: F401 - imported first: it imports lightning, which sets up its own loggers
+
+    for name in (
+        "pytorch_lightning",
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning_fabric",
+        "gradwatch",
+    ):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
