@@ -283,7 +283,7 @@ SCENARIOS: list[Scenario] = [
     # ---- faulty: acute
     Scenario("mlp_nan_batch", "digits", _digits_mlp(), "momentum", 0.05, 3, faults=Faults(nan_at=30),
              expected=("nonfinite",), onset=30, kind="acute", recoverable=True),
-    Scenario("cnn_bn_nan_batch", "digits_img", cnn_bn, "adam", 3e-3, 6, batch_size=32, faults=Faults(nan_at=25),
+    Scenario("cnn_bn_nan_batch", "digits_img", cnn_bn, "adam", 3e-3, 10, batch_size=32, faults=Faults(nan_at=25),
              expected=("nonfinite",), onset=25, kind="acute", recoverable=True),
     Scenario("mlp_gradient_spike", "digits", _digits_mlp(), "adam", 3e-3, 3, faults=Faults(scale_at=(60, 30.0)),
              expected=("gradient_spike",), onset=60, kind="acute", recoverable=True),
