@@ -306,8 +306,7 @@ class Monitor:
             norms = norms * inv
             layers = layers * inv.square() if layers is not None else None
         if self.context is not None and (self.skip is not None or self.clip is not None):
-            sq, count, _ = nonfinite_summary(norms, positions, len(self._layout))
-            self._repair_gradients(self._row["step"], epoch, params, sq, count, scaled=loss_scale is not None)
+            self._repair_gradients(self._row["step"], epoch, params, norms, scaled=loss_scale is not None)
         self._row.setdefault("norms", []).append(norms)  # derived at the read, for all steps at once
         self._row.setdefault("positions", []).append(positions)
         if layers is not None:
@@ -350,8 +349,7 @@ class Monitor:
             pending.skipped = (pending.scale < before.to(pending.scale.device)).float()
         self._rows.append(pending)
         if self.clip is not None:
-            device = self._layout.device if self._layout else torch.device("cpu")
-            self._clips.append(row.get("clip", torch.ones((), device=device)).reshape(()))
+            self._clips.append(row.get("clip", 1.0))  # a host float, or a device scalar (sync-free clipping)
         self._losses, self._loss_n = [], 0
         if self.schedule(row["step"]) or len(self._rows) >= MAX_PENDING_ROWS or self._step_actions:
             return self.flush()
@@ -391,7 +389,15 @@ class Monitor:
             transfer.add("grad_layers", meta["grad_layers"], shard)
         clips, self._clips = self._clips, []
         if len(clips) == len(rows) and clips:
-            transfer.add("clips", torch.stack([c.to(values.device) for c in clips]), MEAN)
+            on_host = all(isinstance(c, float) for c in clips)
+            coefs = (
+                torch.tensor(clips, device=values.device)
+                if on_host
+                else torch.stack(
+                    [torch.as_tensor(c, device=values.device).float().reshape(()) for c in clips]
+                )
+            )
+            transfer.add("clips", coefs, MEAN)
         last = rows[-1]
         scheduled = self.schedule(last.step) and self._layout is not None
         if scheduled:
@@ -442,19 +448,26 @@ class Monitor:
         step: int,
         epoch: int,
         params: list[torch.Tensor],
-        sq: torch.Tensor,
-        count: torch.Tensor,
+        norms: torch.Tensor,
         scaled: bool,
     ) -> None:
-        """Per-step remedies, before the optimizer steps: skip a non-finite step, clip adaptively."""
+        """Per-step remedies, before the optimizer steps: skip a non-finite step, clip adaptively.
+
+        The sum of squares of the norms is non-finite exactly when a gradient holds a NaN or an Inf (or is
+        so large that its square overflows, which is no step to take either). With ``skip_step`` on, that
+        one number is read to the host (the per-step read), and clipping does its arithmetic on it too.
+        """
         ctx = self.context
         if ctx is None:
             return
         watched = [p for p in params if p.grad is not None and id(p) in self._layout.index_of]
+        sq_host: float | None = None
         if (
             self.skip is not None and not scaled and self.skip.ready(step)
         ):  # a GradScaler skips such steps itself
-            skip, norm, bad = self.skip.decide(step, count, sq, ctx.reduce_any)
+            sq = torch.dot(norms, norms)
+            sq_host = float(sq)  # sync: skip_step's decision, the one read per step
+            skip, norm, bad = self.skip.decide(step, sq_host, norms, ctx.reduce_any)
             if skip:
                 for p in params:
                     p.grad = None  # torch optimizers leave parameters without a gradient untouched
@@ -465,7 +478,11 @@ class Monitor:
                 return
         # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
         if self.clip is not None and watched and self._row is not None and len(ctx.optimizers()) == 1:
-            self._row["clip"] = self.clip.clip([p.grad for p in watched], sq)
+            grads = [p.grad for p in watched]
+            if sq_host is not None:  # already on the host: no device work at all unless it clips
+                self._row["clip"] = self.clip.clip_host(grads, sq_host)
+            else:
+                self._row["clip"] = self.clip.clip(grads, torch.dot(norms, norms))
 
     def _escalate(self, step: int, epoch: int) -> None:
         """Skipping is not enough: roll back if possible, else (the ladder spent) stop and say why."""
@@ -652,15 +669,17 @@ class Monitor:
         return stats
 
     def _write_scalars(self, stats: Stats) -> None:
-        for rec in stats.steps:
-            values = {
-                "gradwatch/grad_norm/total": rec.grad_norm,
-                "gradwatch/nonfinite/grad_params": rec.grad_nonfinite,
-            }
+        for i, rec in enumerate(stats.steps):
+            # every step: loss and gradient norm; the non-finite count when there is one, and the learning
+            # rate once per read (TensorBoard's writer costs per value; Lightning's LearningRateMonitor
+            # logs the LR every step if wanted)
+            values = {"gradwatch/grad_norm/total": rec.grad_norm}
+            if rec.grad_nonfinite:
+                values["gradwatch/nonfinite/grad_params"] = rec.grad_nonfinite
             if rec.loss is not None:
                 values["gradwatch/loss/train"] = rec.loss
                 self._track("loss", rec.loss)
-            if rec.lr is not None:
+            if rec.lr is not None and i == len(stats.steps) - 1:
                 values["gradwatch/lr"] = rec.lr
             if rec.loss_scale is not None:
                 values["gradwatch/amp/loss_scale"] = rec.loss_scale

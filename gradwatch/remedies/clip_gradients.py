@@ -51,7 +51,7 @@ class ClipGradients(Remedy):
         gradients are only touched when they are clipped.
         """
         if sq_total.device.type == "cpu":
-            return torch.tensor(self._clip_on_host(grads, float(sq_total)))  # sync: none on the CPU
+            return torch.tensor(self.clip_host(grads, float(sq_total)))  # sync: none on the CPU
         norm = sq_total.detach().float().sqrt()
         finite = torch.isfinite(norm)
         if self._mean is None or self._var is None:
@@ -73,7 +73,8 @@ class ClipGradients(Remedy):
         self.n += 1
         return coef
 
-    def _clip_on_host(self, grads: list[torch.Tensor], sq: float) -> float:
+    def clip_host(self, grads: list[torch.Tensor], sq: float) -> float:
+        """:meth:`clip` when the squared norm is already on the host; returns the coefficient applied."""
         norm = math.sqrt(sq) if sq >= 0 else math.nan
         finite = math.isfinite(norm)
         mean = float(self._mean) if self._mean is not None else None  # sync: none on the CPU

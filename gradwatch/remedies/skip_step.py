@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,23 +56,21 @@ class SkipStep(Remedy):
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._saved)
 
-    def decide(
-        self, step: int, count: torch.Tensor, sq: torch.Tensor, reduce_any: Any
-    ) -> tuple[bool, float, int]:
-        """Whether to skip, from the step's non-finite count; returns ``(skip, grad_norm, nonfinite)``.
+    def decide(self, step: int, sq: float, norms: torch.Tensor, reduce_any: Any) -> tuple[bool, float, int]:
+        """Whether to skip, from the step's total squared gradient norm (already read to the host);
+        returns ``(skip, grad_norm, nonfinite_params)``.
 
         With several optimizers in one step (manual optimization) each is decided on its own gradients,
         but the step counts once towards ``max_consecutive``.
         """
-        bad = bool(count > 0)  # sync: the one per step; whether to skip must be known before the step
-        skip = reduce_any(bad)
+        skip = reduce_any(not math.isfinite(sq))
         if self._counted_step != step:
             self._counted_step = step
             self.consecutive = self.consecutive + 1 if skip else 0
         if not skip:
-            return False, float("nan"), 0
-        n, norm_sq = torch.stack([count.float(), sq.float()]).tolist()  # sync: only on a skipped step
-        return True, norm_sq**0.5 if norm_sq >= 0 else float("nan"), int(n)
+            return False, math.sqrt(sq), 0
+        bad = int((~torch.isfinite(norms)).sum())  # sync: only on a skipped step, for its report
+        return True, math.sqrt(sq) if sq >= 0 else math.nan, bad
 
     def skipped(self, step: int, epoch: int, grad_norm: float, nonfinite: int) -> Action:
         message = (
