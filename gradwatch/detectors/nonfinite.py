@@ -67,6 +67,9 @@ class NonFinite(Detector):
     """
 
     rule = "nonfinite"
+    #: The advice for non-finite gradients; a non-finite loss, weights or loss scale get their own
+    #: (``ADVICE_LOSS``, ``ADVICE_WEIGHTS``, ``ADVICE_SCALE_COLLAPSE``), chosen per finding.
+    advice = ADVICE_GRADS
     state_fields = (
         "grads_active",
         "weights_active",

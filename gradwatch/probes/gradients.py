@@ -59,23 +59,6 @@ class GradientProbe:
             layers.index_add_(0, self.layout.layer_index.to(norms.device)[positions], norms.square())
         return norms, positions, layers
 
-    def measure(
-        self, params: list[torch.Tensor], per_layer: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """Gradient statistics of ``params`` (those that gradwatch watches and that have a gradient).
-
-        Returns:
-            ``(sq_total, nonfinite_count, first_nonfinite_index, sq_per_layer)`` as device tensors, where
-            ``first_nonfinite_index`` is the position in :class:`ParamLayout` order or -1, and
-            ``sq_per_layer`` is ``None`` unless ``per_layer``. ``None`` when no parameter has a gradient.
-        """
-        raw = self.measure_raw(params, per_layer)
-        if raw is None:
-            return None
-        norms, positions, layers = raw
-        sq_total, count, first = nonfinite_summary(norms, positions, len(self.layout))
-        return sq_total, count, first, layers
-
 
 def nonfinite_summary(
     norms: torch.Tensor, positions: torch.Tensor, none: int
