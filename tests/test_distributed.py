@@ -207,6 +207,10 @@ def _sharded_worker(rank: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
     finally:
+        # Neither rank tears gloo down while the other still has work in flight: without the
+        # barrier, the faster rank's teardown aborts the slower one now and then
+        # ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
