@@ -197,6 +197,7 @@ class HealthMonitorHooks:
         self.monitor.bind(
             pl_module, sinks, meta={"run": trainer.log_dir}, context=_context(trainer, pl_module)
         )
+        self.monitor.log_every_n_steps = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
         self.monitor.setup = describe_setup(trainer, pl_module)
         if trainer.is_global_zero:
             log.info(format_setup(self.monitor.setup))

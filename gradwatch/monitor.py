@@ -130,6 +130,9 @@ class Monitor:
             )
         self.events_path = os.fspath(events_path) if events_path is not None else None
         self.per_layer = _check_bool("per_layer", per_layer)
+        #: Per-step TensorBoard rows are written every this many steps (and at every notable step); the
+        #: Lightning adapters set it from ``Trainer(log_every_n_steps=...)``.
+        self.log_every_n_steps = 50
         self.probe_activations = _check_bool("activations", activations)
         self.probe_inputs = _check_bool("inputs", inputs)
         self.probe_update_ratio = _check_bool("update_ratio", update_ratio)
@@ -368,7 +371,7 @@ class Monitor:
             self.flush()  # on every rank alike (the value is the same on every rank: the adapter reduces it)
 
     # ------------------------------------------------------------------ read, judge, act, write
-    def flush(self, *, across_ranks: bool = True, respond: bool = True) -> list[Finding]:
+    def flush(self, *, across_ranks: bool = True, respond: bool = True, final: bool = False) -> list[Finding]:
         """Read everything pending in one transfer, run the detectors and remedies, write to the sinks.
 
         Under ``torch.distributed`` the transfer is all-reduced once (``across_ranks``; a failing rank
@@ -411,12 +414,12 @@ class Monitor:
         self.last_stats = stats
         self.steps_seen += len(rows)
         self.last_step, self.last_epoch = last.step, last.epoch
-        self._write_scalars(stats)
         new: list[Finding] = []
         for detector in self.detectors:
             new.extend(detector.check(stats.step, stats))
-        self._publish(new)
         step_actions, self._step_actions = self._step_actions, []
+        self._write_scalars(stats, {x.step for x in [*new, *step_actions]}, final)
+        self._publish(new)
         for action in step_actions:
             self.record_action(action)
         if "clips" in host and self.clip is not None:
@@ -617,8 +620,12 @@ class Monitor:
                 [torch.stack(r.losses).float().mean() if r.losses else zero[0] for r in rows]
             ).to(device)
         bad = (count > 0).float()
-        scale = torch.stack([r.scale if r.scale is not None else zero[0] + math.nan for r in rows]).to(device)
-        skipped = torch.stack([r.skipped if r.skipped is not None else zero[0] for r in rows]).to(device)
+        if any(r.scale is not None for r in rows):  # AMP with a GradScaler
+            nan = zero[0] + math.nan
+            scale = torch.stack([r.scale if r.scale is not None else nan for r in rows]).to(device)
+            skipped = torch.stack([r.skipped if r.skipped is not None else zero[0] for r in rows]).to(device)
+        else:
+            scale, skipped = zero + math.nan, zero
         return torch.stack([loss, sq.float(), count, first * bad, bad, scale, skipped], dim=1)
 
     def _build_stats(self, rows: list[_PendingRow], host: dict[str, Any], meta: dict[str, Any]) -> Stats:
@@ -668,23 +675,40 @@ class Monitor:
             stats.inputs = InputStats(*(float(x) for x in host["inputs"]))
         return stats
 
-    def _write_scalars(self, stats: Stats) -> None:
+    def _write_scalars(self, stats: Stats, notable: set[int], final: bool = False) -> None:
+        """Per-step rows every :attr:`log_every_n_steps` steps and at every notable step (a finding or an
+        action at that step, a non-finite value, a step the GradScaler skipped), then the read's own row.
+
+        Why not every step: each TensorBoard event costs ~25-60 us of the training thread (the writer's
+        queue and its pure-Python CRC; docs/performance.md), the same cadence Lightning gives the user's
+        own ``self.log`` calls. Every step still reaches the detectors.
+        """
+        every = self.log_every_n_steps
+        last = len(stats.steps) - 1
         for i, rec in enumerate(stats.steps):
-            # every step: loss and gradient norm; the non-finite count when there is one, and the learning
-            # rate once per read (TensorBoard's writer costs per value; Lightning's LearningRateMonitor
-            # logs the LR every step if wanted)
+            self._track("grad_norm", rec.grad_norm)
+            if rec.loss is not None:
+                self._track("loss", rec.loss)
+            if not (
+                (rec.step + 1) % every == 0
+                or rec.step in notable
+                or rec.grad_nonfinite
+                or rec.scaler_skipped
+                or not math.isfinite(rec.grad_norm)
+                or (rec.loss is not None and not math.isfinite(rec.loss))
+                or (final and i == last)
+            ):
+                continue
             values = {"gradwatch/grad_norm/total": rec.grad_norm}
             if rec.grad_nonfinite:
                 values["gradwatch/nonfinite/grad_params"] = rec.grad_nonfinite
             if rec.loss is not None:
                 values["gradwatch/loss/train"] = rec.loss
-                self._track("loss", rec.loss)
-            if rec.lr is not None and i == len(stats.steps) - 1:
+            if rec.lr is not None:
                 values["gradwatch/lr"] = rec.lr
             if rec.loss_scale is not None:
                 values["gradwatch/amp/loss_scale"] = rec.loss_scale
                 values["gradwatch/amp/scaler_skipped"] = float(rec.scaler_skipped)
-            self._track("grad_norm", rec.grad_norm)
             self._emit_scalars(rec.step, values)
         values: dict[str, float] = {}
         if stats.weight_norm:
@@ -731,7 +755,7 @@ class Monitor:
     def finish(self, status: str = "finished") -> dict[str, Any]:
         """Flush what is pending, write the summary, remove hooks. Returns the summary dict."""
         try:
-            self.flush(across_ranks=status == "finished")
+            self.flush(across_ranks=status == "finished", final=True)
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
             self._rows = []
             log.warning(

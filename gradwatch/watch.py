@@ -30,7 +30,7 @@ from torch import nn
 
 from gradwatch.detectors import Detector
 from gradwatch.distributed import is_dtensor, world_size
-from gradwatch.errors import ConfigError
+from gradwatch.errors import ConfigError, check_positive_int
 from gradwatch.findings import Action, Finding
 from gradwatch.hooks import _lr_of
 from gradwatch.monitor import Monitor, log
@@ -96,6 +96,8 @@ class Watch:
         scheduler: an LR scheduler, or a list; stepped after each optimizer step (``step_scheduler``). The
             ``reduce_lr`` multiplier rides on its ``step``, so the two compose.
         every_n_steps: statistics cadence, as for ``HealthMonitor``.
+        log_every_n_steps: per-step TensorBoard rows (loss, gradient norm, LR) every this many steps, and
+            at every notable step (a finding, an action, a non-finite value); Lightning's default, 50.
         step_scheduler: ``False`` if you step the schedulers yourself (per epoch, or ReduceLROnPlateau
             with a metric); they are still handed to the remedies.
         scaler: a ``torch.amp.GradScaler``; may also be given to :meth:`step`.
@@ -129,6 +131,7 @@ class Watch:
         log_dir: str | os.PathLike[str] | None = None,
         scheduler: Any = None,
         every_n_steps: int | Schedule = 20,
+        log_every_n_steps: int = 50,
         step_scheduler: bool = True,
         scaler: Any = None,
         events_path: str | os.PathLike[str] | None = None,
@@ -194,6 +197,7 @@ class Watch:
             snapshot_every=snapshot_every,
             snapshots=snapshots,
         )
+        self.monitor.log_every_n_steps = check_positive_int("log_every_n_steps", log_every_n_steps, 50)
         alert_targets = check_targets(alert_url, alerts)
         if not (isinstance(tensorboard, bool) or callable(getattr(tensorboard, "add_scalar", None))):
             raise ConfigError(

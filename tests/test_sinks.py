@@ -71,14 +71,28 @@ def test_tensorboard_has_gradwatch_tags_text_and_layout(tmp_path, loaders):
     ]:
         assert tag in scalars, tag
     assert not any(t.endswith((".weight", ".bias")) for t in scalars), "no tag per parameter"
-    # the loss and grad norm curves have a point for every step, not just the scheduled ones
-    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/total")] == list(range(20))
+    # per-step rows at the trainer's log_every_n_steps (5 here) and at every notable step: from the
+    # NaN at step 12 on, every step (non-finite values), not just the scheduled reads
+    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/total")] == [4, 9, *range(12, 20)]
     assert [e.step for e in acc.Scalars("gradwatch/weight_norm/total")] == [0, 5, 10, 15]
     tensors = set(acc.Tags()["tensors"])
     assert "gradwatch/findings/text_summary" in tensors
     finding_text = acc.Tensors("gradwatch/findings/text_summary")[0]
     assert finding_text.step == 12 and b"nonfinite" in finding_text.tensor_proto.string_val[0]
     assert "custom_scalars__config__" in tensors
+
+
+@pytest.mark.parametrize(("every", "steps"), [(1, list(range(23))), (10, [9, 19, 22])])
+def test_step_rows_follow_the_trainers_log_every_n_steps(tmp_path, loaders, every, steps):
+    """A healthy run: the loss and gradient norm rows come at Lightning's logging cadence, and the
+    run's last step closes the curve; every_n_steps (the reads) does not change it."""
+    mon = gradwatch.HealthMonitor(every_n_steps=4, remedies="off")
+    t = trainer(tmp_path, [mon], max_steps=23, log_every_n_steps=every)
+    t.fit(DigitsMLP(), loaders[0])
+    acc = _tb(t.logger.log_dir)
+    for tag in ("gradwatch/grad_norm/total", "gradwatch/loss/train", "gradwatch/lr"):
+        assert [e.step for e in acc.Scalars(tag)] == steps, tag
+    assert mon.monitor.steps_seen == 23 and not mon.findings  # every step was still judged
 
 
 def test_totals_only_by_default(tmp_path, loaders):

@@ -63,39 +63,57 @@ def _unit_dim(y: torch.Tensor, conv: bool) -> int:
     return y.ndim - 1
 
 
+def _count_above(a: torch.Tensor, threshold: float) -> torch.Tensor:
+    """How many elements of the non-negative ``a`` exceed ``threshold``, consumed in place.
+
+    ``sign(relu(a - t))`` is 1 exactly where ``a > t`` (IEEE subtraction of distinct floats is never 0),
+    and float passes are several times faster than a boolean comparison on CPU.
+    """
+    return a.sub_(threshold).relu_().sign_().sum()
+
+
 def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The :data:`FIELDS` vector of one output tensor, and per unit the fraction of samples where it is
     active (relu/linear kinds, else ``None``), computed on its device without a host sync.
 
-    Cost: a handful of passes over ``y`` (std/mean, ``|y|``, one comparison per fraction). Fractions are
-    integer counts divided by the element count, and per-unit counts are one ``sum`` over the other
-    dimensions, so no boolean mask is converted to float or copied into a units-last layout.
+    Cost: a few float passes over ``y``. The mean is a sum, the std a second, centred pass (two-pass, as
+    stable as ``torch.std``, which is a single-threaded Welford loop on CPU and several times slower),
+    ``max_abs`` comes from ``aminmax``, and every count is the sum of a 0/1 float tensor (``sign`` of
+    ``y`` or of ``relu(y)``; boolean comparisons are the slow path on CPU). Per-unit counts are one
+    ``sum`` over the other dimensions.
     """
     y = y.detach().float()  # a no-op for float32 outputs
     n = y.numel()
-    zero = y.new_zeros(())
-    std, mean = torch.std_mean(y) if n > 1 else (zero, y.mean())
-    a = y.abs()
-    max_abs = a.amax()
+    flat = y.reshape(-1)
+    mean = flat.sum() / n
+    if n > 1:
+        centred = flat - mean
+        std = (torch.dot(centred, centred) / (n - 1)).sqrt()
+    else:
+        std = mean.new_zeros(())
+    lo, hi = torch.aminmax(flat)
+    max_abs = torch.maximum(hi, lo.neg())
+    zero = mean.new_zeros(())
     zero_frac = dead = saturated = zero
     active = None
     if kind in ("relu", "linear"):
-        off = y == 0 if kind == "relu" else y <= 0
+        # 1 where the unit is active: y != 0 after a ReLU (its output is >= 0), y > 0 before one
+        on = y.sign() if kind == "relu" else torch.relu(y).sign_()
         if y.ndim >= 2:
             dim = _unit_dim(y, conv)
             per_unit = n // y.shape[dim]  # samples (and positions) per unit
-            n_off = off.sum(dim=[d for d in range(y.ndim) if d != dim])  # per unit
-            zero_frac = n_off.sum() / n
-            active = (per_unit - n_off) / per_unit
+            n_on = on.sum(dim=[d for d in range(y.ndim) if d != dim])  # per unit
+            zero_frac = 1 - n_on.sum() / n
+            active = n_on / per_unit
             dead = (active < DEAD_RATE).float().mean()
         else:
-            zero_frac = off.sum() / n
+            zero_frac = 1 - on.sum() / n
     if kind == "tanh":
-        saturated = (a > 0.99).sum() / n
-    elif kind == "sigmoid":
-        saturated = ((y < 0.01) | (y > 0.99)).sum() / n
+        saturated = _count_above(flat.abs(), 0.99) / n
+    elif kind == "sigmoid":  # y < 0.01 or y > 0.99
+        saturated = _count_above((flat - 0.5).abs_(), 0.49) / n
     elif kind == "linear":
-        saturated = (a > TANH_FLAT).sum() / n
+        saturated = _count_above(flat.abs(), TANH_FLAT) / n
     return torch.stack([mean, std, max_abs, zero_frac, dead, saturated]), active
 
 
