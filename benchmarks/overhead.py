@@ -1,6 +1,6 @@
 """Step-time overhead of gradwatch, against the bare run and against the tools users would use instead.
 
-    python benchmarks/overhead.py                          # CPU workload: a small CNN on digits (~3 min)
+    python benchmarks/overhead.py                          # CPU workload: a small CNN on digits (~8 min)
     python benchmarks/overhead.py --workload gpt           # GPT-2-small-like, bf16, batch 8x1024 (GPU)
     python benchmarks/overhead.py --workload gpt --tiny    # the GPT code path, tiny, on CPU (smoke test)
     python benchmarks/overhead.py --configs bare default --rounds 9
@@ -10,8 +10,11 @@ Every config trains the same model from the same initial weights on the same bat
 slow minute on a shared machine hits every config alike; round 0 is a warm-up and is not counted.
 
 How a run is timed: the timer callback (first in the list) notes the time at ``on_train_batch_start`` of
-step ``--warmup`` and at ``on_train_end``, with a device synchronize at those two points only; the run's
-step time is that window divided by its ``--steps`` steps. A per-step timer (``on_train_batch_start`` ->
+step ``--warmup``, of step ``--warmup + --early`` and at ``on_train_end``, with a device synchronize at
+those points only; the run's step time is the last window divided by its ``--steps`` steps, and the
+``early`` column is the same ratio over the window before it. On the CPU workload the early window is
+steps 20-200, where gradwatch's heavy probes (activations, inputs, update ratio) run at every read, and
+the main window steps 200-400, the steady state of a long run, where they run every 100 steps. A per-step timer (``on_train_batch_start`` ->
 ``on_train_batch_end``) would either miss the hooks that run after it (gradwatch reads back in its own
 ``on_train_batch_end``) or need a device sync every step, which on a GPU would hide exactly the
 asynchrony gradwatch relies on; and a per-step median would ignore the scheduled steps (1 in 20), which
@@ -328,8 +331,8 @@ def configs() -> list[Config]:
         Config("every_step", lambda: [gw(remedies="off", every_n_steps=1)], "every_n_steps=1"),
         Config(
             "everything_on",
-            lambda: [gw(remedies="off", every_n_steps=5, per_layer=True)],
-            "per_layer, activations, inputs, update_ratio, every 5",
+            lambda: [gw(remedies="off", every_n_steps=5, probe_every_n_steps=None, per_layer=True)],
+            "per_layer; activations, inputs, update ratio at every read; every 5",
         ),
         Config(
             "totals_only",
@@ -357,11 +360,14 @@ def _sync(device: torch.device) -> None:
 
 
 class WindowTimer(pl.Callback):
-    """Wall time from ``on_train_batch_start`` of step ``warmup`` to ``on_train_end`` (device synced)."""
+    """Wall time from ``on_train_batch_start`` of step ``warmup`` to ``on_train_end`` (device synced), and
+    the time at the start of step ``split`` in between (the end of the early window), if given."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, split: int | None = None) -> None:
         self.warmup = warmup
+        self.split = split
         self.t0: float | None = None
+        self.t_split: float | None = None
         self.t1: float | None = None
         self.peak_mem = 0
 
@@ -371,6 +377,9 @@ class WindowTimer(pl.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
             self.t0 = time.perf_counter()
+        elif self.t_split is None and self.split is not None and trainer.global_step == self.split:
+            _sync(pl_module.device)
+            self.t_split = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
         _sync(pl_module.device)
@@ -379,15 +388,18 @@ class WindowTimer(pl.Callback):
             self.peak_mem = torch.cuda.max_memory_allocated(pl_module.device)
 
 
-def run_once(wl: Workload, cfg: Config, warmup: int, steps: int, root: str) -> tuple[float, int]:
-    """One fit of ``warmup + steps`` steps; returns (seconds per measured step, peak device bytes)."""
+def run_once(
+    wl: Workload, cfg: Config, warmup: int, early: int, steps: int, root: str
+) -> tuple[float, float | None, int]:
+    """One fit of ``warmup + early + steps`` steps; returns (seconds per step of the last ``steps`` steps,
+    seconds per step of the ``early`` steps before them or None, peak device bytes)."""
     module = wl.module
     with torch.no_grad():
         module.load_state_dict(wl.initial)
     module.log_grad_norm = cfg.grad_norm
-    timer = WindowTimer(warmup)
+    timer = WindowTimer(warmup, warmup + early if early else None)
     trainer = pl.Trainer(
-        max_steps=warmup + steps,
+        max_steps=warmup + early + steps,
         logger=pl.loggers.TensorBoardLogger(root, name=cfg.name),
         callbacks=[timer, *cfg.callbacks()],
         enable_progress_bar=False,
@@ -400,7 +412,10 @@ def run_once(wl: Workload, cfg: Config, warmup: int, steps: int, root: str) -> t
     )
     trainer.fit(module, wl.loader)
     assert timer.t0 is not None and timer.t1 is not None, "the run ended before the timing window"
-    return (timer.t1 - timer.t0) / steps, timer.peak_mem
+    if not early:
+        return (timer.t1 - timer.t0) / steps, None, timer.peak_mem
+    assert timer.t_split is not None
+    return (timer.t1 - timer.t_split) / steps, (timer.t_split - timer.t0) / early, timer.peak_mem
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -429,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: cpu 7, gpt 3)")
     p.add_argument("--warmup", type=int, default=None, help="steps before the timing window (default 20)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default cpu 200, gpt 40)")
+    p.add_argument(
+        "--early",
+        type=int,
+        default=None,
+        help="steps of an early window timed apart, before the --steps window (default cpu 180: the "
+        "window ends at step 200, where gradwatch's heavy probes turn sparse; gpt 0)",
+    )
     p.add_argument("--budget-s", type=float, default=None, help="start no new round after this many seconds")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--precision", default=None)
@@ -440,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (3 if gpt else 7)
     warmup = args.warmup if args.warmup is not None else (10 if gpt else 20)
     steps = args.steps or (40 if gpt else 200)
+    early = args.early if args.early is not None else (0 if gpt else 180)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "gradwatch"):
@@ -450,7 +473,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(machine())
     wl = make_workload(args)
-    print(f"workload {wl.name}: {wl.describe}; warm-up {warmup} steps, {steps} timed steps per run")
+    windows = f"early window: steps {warmup}-{warmup + early}, then " if early else ""
+    print(
+        f"workload {wl.name}: {wl.describe}; warm-up {warmup} steps, {windows}{steps} timed steps "
+        f"(steps {warmup + early}-{warmup + early + steps}) per run"
+    )
 
     chosen: list[Config] = []
     for cfg in configs():
@@ -471,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         wandb.init(project="gradwatch-overhead", mode="offline", dir=root)
 
     times: dict[str, list[float]] = {c.name: [] for c in chosen}
+    early_times: dict[str, list[float]] = {c.name: [] for c in chosen}
     peaks: dict[str, int] = {}
     stop: list[str] = []  # a SIGTERM (e.g. from `timeout`) ends the benchmark after the current run
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
@@ -482,12 +510,12 @@ def main(argv: list[str] | None = None) -> int:
             break
         k = r % len(chosen)
         order = chosen[k:] + chosen[:k]  # rotate: no config always runs right after another
-        got: dict[str, tuple[float, int]] = {}
+        got: dict[str, tuple[float, float | None, int]] = {}
         for cfg in order:
             if stop:
                 break
             try:
-                got[cfg.name] = run_once(wl, cfg, warmup, steps, root)
+                got[cfg.name] = run_once(wl, cfg, warmup, early, steps, root)
             except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns SIGTERM into SystemExit
                 stop.append(type(err).__name__)
         if len(got) < len(order):
@@ -496,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             break
         if r > 0:
-            for name, (t, peak) in got.items():
+            for name, (t, t_early, peak) in got.items():
                 times[name].append(t)
+                if t_early is not None:
+                    early_times[name].append(t_early)
                 peaks[name] = max(peaks.get(name, 0), peak)
         done = r
         line = " ".join(f"{c.name}={got[c.name][0] * 1e3:.2f}" for c in order)
@@ -510,21 +540,34 @@ def main(argv: list[str] | None = None) -> int:
     show_mem = any(peaks.values())
     print()
     head = f"{'config':<15}{'ms/step':>9}{'ratio':>8}{'paired':>8}{'min':>8}{'max':>8}"
+    head += f"{'early':>8}" if early else ""
     print(head + (f"{'peak MiB':>10}" if show_mem else "") + "  what")
     for cfg in chosen:
         ts = times[cfg.name]
         med = statistics.median(ts)
         paired = statistics.median(a / b for a, b in zip(ts, times["bare"], strict=True))
         row = f"{cfg.name:<15}{med * 1e3:>9.2f}{med / bare:>7.2f}x{paired:>7.2f}x{min(ts) * 1e3:>8.2f}{max(ts) * 1e3:>8.2f}"
+        if early:
+            row += (
+                f"{statistics.median(early_times[cfg.name]) / statistics.median(early_times['bare']):>7.2f}x"
+            )
         if show_mem:
             row += f"{peaks.get(cfg.name, 0) / 2**20:>10.0f}"
         print(row + f"  {cfg.what}")
     print(
         "\nratio: median step time / bare's median; paired: median over rounds of (run / bare run of the same round)"
     )
+    if early:
+        print(
+            f"early: the same ratio over steps {warmup}-{warmup + early}, where the heavy probes run at every read"
+        )
     if "default" in times:
         ratio = statistics.median(times["default"]) / bare
-        print(f"default overhead: {ratio:.2f}x bare (median of {len(times['default'])} interleaved runs)")
+        line = f"default overhead: {ratio:.2f}x bare (median of {len(times['default'])} interleaved runs"
+        if early:
+            e = statistics.median(early_times["default"]) / statistics.median(early_times["bare"])
+            line += f", steps {warmup + early}-{warmup + early + steps}; {e:.2f}x over steps {warmup}-{warmup + early}"
+        print(line + ")")
     return 0
 
 

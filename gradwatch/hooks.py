@@ -79,13 +79,17 @@ class HealthMonitorHooks:
             to the host (one transfer), samples activations and inputs, and runs the detectors. Every
             step's loss and gradient norm are still recorded, on device. An ``int`` or a ``step -> bool``
             callable.
+        probe_every_n_steps: the heavy probes (activation hooks, the input range, the weight copy behind
+            update ratios) run on every scheduled step of a run's first 200 steps, then on the first
+            scheduled step at least this many steps after the last probe. ``None``: on every scheduled
+            step. Gradient and weight norms and the loss are not affected.
         alert_url: a webhook (e.g. Slack's) to post alerts to: each new warning/critical finding, each
             remedy action and a final message with the summary (see docs/alerts.md).
         events_path: the events file; default ``<trainer.log_dir>/gradwatch/events.jsonl``.
         per_layer: also log per-layer (per-module) curves to TensorBoard; totals are always logged.
-        activations: sample activation statistics with forward hooks on scheduled steps.
-        inputs: sample the input batch's range on scheduled steps.
-        update_ratio: measure update/weight ratios on scheduled steps (copies the weights on those steps).
+        activations: sample activation statistics with forward hooks on probe steps.
+        inputs: sample the input batch's range on probe steps.
+        update_ratio: measure update/weight ratios on probe steps (copies the weights on those steps).
         detectors: the rules to run; default every implemented rule.
         val_loss_key: the logged metric to read as validation loss; default the first of
             ``val_loss``, ``val/loss``, ``validation_loss``, ``valid_loss``, ``loss/val`` that is logged.
@@ -111,6 +115,7 @@ class HealthMonitorHooks:
         *,
         remedies: str | list[str | Remedy] = "auto",
         every_n_steps: int | Schedule = 20,
+        probe_every_n_steps: int | None = 100,
         alert_url: str | None = None,
         events_path: str | os.PathLike[str] | None = None,
         per_layer: bool = False,
@@ -129,6 +134,7 @@ class HealthMonitorHooks:
         self.monitor = Monitor(
             remedies=remedies,
             every_n_steps=every_n_steps,
+            probe_every_n_steps=probe_every_n_steps,
             alert_url=alert_url,
             events_path=events_path,
             per_layer=per_layer,

@@ -64,6 +64,10 @@ ROLLED_BACK_PAST = ("exploding_gradients", "divergence", "update_ratio", "gradie
 #: Rows kept on device before a flush is forced, whatever the schedule says.
 MAX_PENDING_ROWS = 1024
 
+#: The heavy probes run at every read during a run's first steps (initialization faults show there),
+#: then every ``probe_every_n_steps``.
+DENSE_PROBE_STEPS = 200
+
 #: The per-step row, as sufficient statistics that add up across ranks (see gradwatch.distributed):
 #: first_x_bad is the first non-finite index where bad is 1, else 0; skipped is the GradScaler's skip flag.
 ROW_FIELDS = ("loss", "grad_sq", "nonfinite", "first_x_bad", "bad", "loss_scale", "skipped")
@@ -99,6 +103,7 @@ class Monitor:
         *,
         remedies: str | list[str | Remedy] = "auto",
         every_n_steps: int | Schedule = 20,
+        probe_every_n_steps: int | None = 100,
         alert_url: str | None = None,
         events_path: str | os.PathLike[str] | None = None,
         per_layer: bool = False,
@@ -112,6 +117,13 @@ class Monitor:
     ) -> None:
         self.schedule: Schedule = as_schedule("every_n_steps", every_n_steps, 20)
         self.every_n_steps = every_n_steps
+        self.probe_every_n_steps = (
+            None
+            if probe_every_n_steps is None
+            else check_positive_int("probe_every_n_steps", probe_every_n_steps, 100)
+        )
+        self._last_probe: int | None = None
+        self._probe_memo: tuple[int, bool] = (-1, False)
         self.remedy_mode = remedies if isinstance(remedies, str) else "custom"
         self.remedies: list[Remedy] = resolve_remedies(remedies)
         if alert_url is not None and (
@@ -243,6 +255,7 @@ class Monitor:
         self._snap = Transfer()
         self._snap_meta = {}
         self._probed_step = None
+        self._last_probe, self._probe_memo = None, (-1, False)
         self._row = None
         self._rows, self._clips, self._step_actions = [], [], []
         self._losses, self._loss_n = [], 0
@@ -258,13 +271,33 @@ class Monitor:
         return self._acts is not None and self._acts.attached
 
     # ------------------------------------------------------------------ per step
+    def probing(self, step: int) -> bool:
+        """Whether the heavy probes (activation hooks, input range, the weight copy for update ratios) run
+        at ``step``: on every scheduled step of the first :data:`DENSE_PROBE_STEPS` steps, where
+        initialization faults show, then on the first scheduled step at least ``probe_every_n_steps``
+        after the last probe (every scheduled step with ``probe_every_n_steps=None``). A function of the
+        step sequence alone, so every DDP rank decides alike."""
+        memo_step, due = self._probe_memo
+        if memo_step != step:
+            every = self.probe_every_n_steps
+            due = self.schedule(step) and (
+                every is None
+                or step < DENSE_PROBE_STEPS
+                or self._last_probe is None
+                or step - self._last_probe >= every
+            )
+            if due:
+                self._last_probe = step
+            self._probe_memo = (step, due)
+        return due
+
     def batch_start(self, step: int, batch: Any) -> None:
         """Before the forward: keep the buffers for skip_step; on a scheduled step's first batch, attach
         activation hooks and read inputs."""
         if self.context is not None:
             if self.skip is not None and self._loss_n == 0 and self._row is None:
                 self.skip.save_buffers()  # the first batch of an optimizer step
-        if not self.schedule(step) or self._probed_step == step:
+        if not self.probing(step) or self._probed_step == step:
             return
         self._probed_step = step
         if self._acts is not None:
@@ -299,7 +332,7 @@ class Monitor:
             self._row = {"step": step, "epoch": epoch, "lr": lr}
             if loss_scale is not None:
                 self._row["scale_before"] = loss_scale.detach().clone()  # update() changes it in place
-            if scheduled and self.probe_update_ratio and self._weights is not None:
+            if scheduled and self.probe_update_ratio and self._weights is not None and self.probing(step):
                 self._weights.snapshot()
         if measured is None:
             return

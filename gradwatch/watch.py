@@ -95,7 +95,7 @@ class Watch:
             still logged and kept in :attr:`findings`.
         scheduler: an LR scheduler, or a list; stepped after each optimizer step (``step_scheduler``). The
             ``reduce_lr`` multiplier rides on its ``step``, so the two compose.
-        every_n_steps: statistics cadence, as for ``HealthMonitor``.
+        every_n_steps, probe_every_n_steps: statistics and heavy-probe cadence, as for ``HealthMonitor``.
         log_every_n_steps: per-step TensorBoard rows (loss, gradient norm, LR) every this many steps, and
             at every notable step (a finding, an action, a non-finite value); Lightning's default, 50.
         step_scheduler: ``False`` if you step the schedulers yourself (per epoch, or ReduceLROnPlateau
@@ -131,6 +131,7 @@ class Watch:
         log_dir: str | os.PathLike[str] | None = None,
         scheduler: Any = None,
         every_n_steps: int | Schedule = 20,
+        probe_every_n_steps: int | None = 100,
         log_every_n_steps: int = 50,
         step_scheduler: bool = True,
         scaler: Any = None,
@@ -186,6 +187,7 @@ class Watch:
         self.monitor = Monitor(
             remedies=remedies,
             every_n_steps=every_n_steps,
+            probe_every_n_steps=probe_every_n_steps,
             alert_url=alert_url,
             events_path=events_path,
             per_layer=per_layer,

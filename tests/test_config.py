@@ -28,6 +28,10 @@ from gradwatch.remedies import Remedy
         ),
         ({"every_n_steps": 0}, r"every_n_steps must be a positive int, got 0"),
         (
+            {"probe_every_n_steps": 0},
+            r"probe_every_n_steps must be a positive int, got 0\. Write e\.g\. probe",
+        ),
+        (
             {"every_n_steps": 2.5},
             r"every_n_steps must be a positive int or a callable step -> bool, got 2\.5 \(float\)",
         ),

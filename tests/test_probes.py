@@ -218,3 +218,37 @@ def test_gradient_accumulation_last_short_window(tmp_path, loaders):
         assert len(window) == (3 if rec.step == 5 else 4)
         assert rec.loss == pytest.approx(sum(window) / len(window), rel=1e-5)
         assert rec.grad_norm == pytest.approx(grads[rec.step], rel=1e-5)
+
+
+class ReadLog(pl.Callback):
+    """What each read carried: (step, activations?, inputs?, update ratio?, weight norms?)."""
+
+    def __init__(self, monitor: gradwatch.HealthMonitor) -> None:
+        self.monitor = monitor
+        self.reads: list[tuple[int, bool, bool, bool, bool]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        s = self.monitor.monitor.last_stats
+        if (
+            s is not None
+            and s.step == trainer.global_step - 1
+            and (not self.reads or self.reads[-1][0] != s.step)
+        ):
+            self.reads.append(
+                (s.step, bool(s.activations), s.inputs is not None, bool(s.update_ratio), bool(s.weight_norm))
+            )
+
+
+@pytest.mark.parametrize("probe_every", [100, None])
+def test_heavy_probes_every_read_early_then_every_probe_every_n_steps(tmp_path, loaders, probe_every):
+    """Activations, inputs and update ratios at every read of the first 200 steps, then 100 steps after the last probe;
+    the reads themselves (gradient and weight norms, every step's loss) keep their cadence."""
+    mon = gradwatch.HealthMonitor(every_n_steps=20, probe_every_n_steps=probe_every, remedies="off")
+    log = ReadLog(mon)
+    trainer(tmp_path, [mon, log], max_steps=341, max_epochs=-1, logger=False).fit(DigitsMLP(), loaders[0])
+    reads = list(range(0, 341, 20))
+    assert [r[0] for r in log.reads] == reads and all(r[4] for r in log.reads)
+    probed = [r[0] for r in log.reads if r[1]]
+    assert probed == ([*range(0, 200, 20), 280] if probe_every else reads)  # 180 + 100 -> 280
+    assert probed == [r[0] for r in log.reads if r[2]] == [r[0] for r in log.reads if r[3]]
+    assert mon.monitor.steps_seen == 341

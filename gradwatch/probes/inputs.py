@@ -27,6 +27,13 @@ def input_stats(batch: Any) -> torch.Tensor | None:
     x = first_float_tensor(batch)
     if x is None or x.numel() == 0:
         return None
-    x = x.detach().float()
-    std, mean = torch.std_mean(x) if x.numel() > 1 else (torch.zeros((), device=x.device), x.mean())
-    return torch.stack([mean, std, x.abs().amax()])
+    flat = x.detach().float().reshape(-1)
+    n = flat.numel()
+    mean = flat.sum() / n
+    if n > 1:  # two passes (torch.std_mean is a slow single-threaded loop on CPU)
+        centred = flat - mean
+        std = (torch.dot(centred, centred) / (n - 1)).sqrt()
+    else:
+        std = mean.new_zeros(())
+    lo, hi = torch.aminmax(flat)
+    return torch.stack([mean, std, torch.maximum(hi, lo.neg())])
