@@ -213,6 +213,8 @@ def test_context_manager_marks_a_failed_run_and_state_round_trips(tmp_path, load
         ({"remedies": ["skip_stp"]}, "Did you mean 'skip_step'"),
         ({"log_dir": 3}, "log_dir must be a path"),
         ({"scheduler": "plateau"}, "ReduceLROnPlateau needs a metric"),
+        ({"log_every_n_steps": 0}, r"log_every_n_steps must be a positive int, got 0\. Write e\.g\."),
+        ({"probe_every_n_steps": "often"}, r"probe_every_n_steps must be a positive int, got 'often'"),
     ],
 )
 def test_bad_arguments_say_what_to_write(kwargs, match):
