@@ -1,0 +1,140 @@
+"""Where gradwatch's time goes: wall-clock timers around its hooks and parts, inside a real fit.
+
+    python benchmarks/hook_times.py                     # default config, CPU workload of overhead.py
+    python benchmarks/hook_times.py --remedies off      # observing only
+    python benchmarks/hook_times.py --steps 600 --split 200
+
+One warm-up fit, then one timed fit of ``--steps`` steps of the CPU workload in ``overhead.py``. Each
+timed part is a method wrapped with ``time.perf_counter``; the table gives microseconds per training
+step, before and after step ``--split`` (where the heavy probes turn sparse). Nested parts are included
+in their callers (``measure_raw`` in ``on_before_optimizer_step``). These are direct times on the
+training thread: the end-to-end cost in ``overhead.py`` is somewhat higher, because copies and reads
+also evict the training step's data from the caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import overhead  # noqa: E402
+
+import gradwatch  # noqa: E402
+from gradwatch import hooks, monitor  # noqa: E402
+from gradwatch.probes import activations, gradients  # noqa: E402
+from gradwatch.remedies import context  # noqa: E402
+
+#: (owner, method, label): what is timed. Hooks first, then the parts inside them.
+PARTS = [
+    (hooks.HealthMonitorHooks, "on_train_batch_start", "on_train_batch_start"),
+    (hooks.HealthMonitorHooks, "on_before_optimizer_step", "on_before_optimizer_step"),
+    (hooks.HealthMonitorHooks, "on_train_batch_end", "on_train_batch_end"),
+    (activations, "summarize", "activation summaries (in forward)"),
+    (gradients.GradientProbe, "measure_raw", "  norms: _foreach_norm + stack"),
+    (monitor.Monitor, "_repair_gradients", "  skip decision + clipping"),
+    (monitor.Monitor, "flush", "  the read (every_n_steps)"),
+    (context.Snapshots, "take", "    rollback snapshot"),
+]
+TOTAL = {
+    "on_train_batch_start",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "activation summaries (in forward)",
+}
+
+
+class StepClock(pl.Callback):
+    """Knows the current step, so that each timed call is booked before or after the split."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.step = trainer.global_step
+
+
+def instrument(clock: StepClock, split: int) -> dict[str, list[float]]:
+    spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for owner, name, label in PARTS:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def timed(*args: Any, _fn: Any = fn, _label: str = label, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                spent[_label][clock.step >= split] += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+    return spent
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--remedies", default="auto", choices=["auto", "off"])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--split", type=int, default=200)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "gradwatch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    wl = overhead.make_workload(argparse.Namespace(workload="cpu", cpu=True, batch_size=None, precision=None))
+    clock = StepClock()
+    spent = instrument(clock, args.split)
+    root = tempfile.mkdtemp(prefix="gradwatch-hooks-")
+
+    def fit() -> None:
+        with torch.no_grad():
+            wl.module.load_state_dict(wl.initial)
+        wl.module.log_grad_norm = False
+        trainer = pl.Trainer(
+            max_steps=args.steps,
+            logger=pl.loggers.TensorBoardLogger(root),
+            callbacks=[clock, gradwatch.HealthMonitor(remedies=args.remedies, print_summary=False)],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=root,
+            **wl.trainer_kw,
+        )
+        trainer.fit(wl.module, wl.loader)
+
+    fit()  # warm-up
+    spent.clear()
+    fit()
+    before, after = args.split, args.steps - args.split
+    print(f"{wl.describe}; HealthMonitor(remedies={args.remedies!r}); us per training step")
+    print(f"{'part':<40}{f'steps 0-{args.split}':>14}{f'steps {args.split}-{args.steps}':>16}")
+    totals = [0.0, 0.0]
+    for _, _, label in PARTS:
+        early, late = spent.get(label, [0.0, 0.0])
+        if label in TOTAL:
+            totals[0] += early
+            totals[1] += late
+        print(f"{label:<40}{early / before * 1e6:>14.1f}{late / after * 1e6:>16.1f}")
+    print(
+        f"{'total (hooks + activation summaries)':<40}{totals[0] / before * 1e6:>14.1f}{totals[1] / after * 1e6:>16.1f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
