@@ -123,6 +123,7 @@ class Monitor:
             else check_positive_int("probe_every_n_steps", probe_every_n_steps, 100)
         )
         self._last_probe: int | None = None
+        self._tail_row: StepRecord | None = None
         self._probe_memo: tuple[int, bool] = (-1, False)
         self.remedy_mode = remedies if isinstance(remedies, str) else "custom"
         self.remedies: list[Remedy] = resolve_remedies(remedies)
@@ -256,6 +257,7 @@ class Monitor:
         self._snap_meta = {}
         self._probed_step = None
         self._last_probe, self._probe_memo = None, (-1, False)
+        self._tail_row: StepRecord | None = None
         self._row = None
         self._rows, self._clips, self._step_actions = [], [], []
         self._losses, self._loss_n = [], 0
@@ -276,7 +278,7 @@ class Monitor:
         at ``step``: on every scheduled step of the first :data:`DENSE_PROBE_STEPS` steps, where
         initialization faults show, then on the first scheduled step at least ``probe_every_n_steps``
         after the last probe (every scheduled step with ``probe_every_n_steps=None``). A function of the
-        step sequence alone, so every DDP rank decides alike."""
+        steps seen in this fit alone, so every DDP rank decides alike."""
         memo_step, due = self._probe_memo
         if memo_step != step:
             every = self.probe_every_n_steps
@@ -404,7 +406,7 @@ class Monitor:
             self.flush()  # on every rank alike (the value is the same on every rank: the adapter reduces it)
 
     # ------------------------------------------------------------------ read, judge, act, write
-    def flush(self, *, across_ranks: bool = True, respond: bool = True, final: bool = False) -> list[Finding]:
+    def flush(self, *, across_ranks: bool = True, respond: bool = True) -> list[Finding]:
         """Read everything pending in one transfer, run the detectors and remedies, write to the sinks.
 
         Under ``torch.distributed`` the transfer is all-reduced once (``across_ranks``; a failing rank
@@ -451,16 +453,19 @@ class Monitor:
         for detector in self.detectors:
             new.extend(detector.check(stats.step, stats))
         step_actions, self._step_actions = self._step_actions, []
-        self._write_scalars(stats, {x.step for x in [*new, *step_actions]}, final)
-        self._publish(new)
-        for action in step_actions:
-            self.record_action(action)
+        clipped = []
         if "clips" in host and self.clip is not None:
             clipped = [
                 (r.step, r.epoch, rec.grad_norm, float(c))
                 for r, rec, c in zip(rows, stats.steps, host["clips"], strict=True)
                 if c < 1.0
             ]
+        notable = {x.step for x in [*new, *step_actions]} | {c[0] for c in clipped}
+        self._write_scalars(stats, notable)
+        self._publish(new)
+        for action in step_actions:
+            self.record_action(action)
+        if clipped:
             action = self.clip.clipped(clipped)
             if action is not None:
                 self.record_action(action)
@@ -708,17 +713,18 @@ class Monitor:
             stats.inputs = InputStats(*(float(x) for x in host["inputs"]))
         return stats
 
-    def _write_scalars(self, stats: Stats, notable: set[int], final: bool = False) -> None:
+    def _write_scalars(self, stats: Stats, notable: set[int]) -> None:
         """Per-step rows every :attr:`log_every_n_steps` steps and at every notable step (a finding or an
         action at that step, a non-finite value, a step the GradScaler skipped), then the read's own row.
+        The last step's row, if skipped, is kept for :meth:`finish` to close the curves with.
 
         Why not every step: each TensorBoard event costs ~25-60 us of the training thread (the writer's
         queue and its pure-Python CRC; docs/performance.md), the same cadence Lightning gives the user's
         own ``self.log`` calls. Every step still reaches the detectors.
         """
         every = self.log_every_n_steps
-        last = len(stats.steps) - 1
-        for i, rec in enumerate(stats.steps):
+        self._tail_row = None
+        for rec in stats.steps:
             self._track("grad_norm", rec.grad_norm)
             if rec.loss is not None:
                 self._track("loss", rec.loss)
@@ -729,20 +735,11 @@ class Monitor:
                 or rec.scaler_skipped
                 or not math.isfinite(rec.grad_norm)
                 or (rec.loss is not None and not math.isfinite(rec.loss))
-                or (final and i == last)
             ):
+                self._tail_row = rec
                 continue
-            values = {"gradwatch/grad_norm/total": rec.grad_norm}
-            if rec.grad_nonfinite:
-                values["gradwatch/nonfinite/grad_params"] = rec.grad_nonfinite
-            if rec.loss is not None:
-                values["gradwatch/loss/train"] = rec.loss
-            if rec.lr is not None:
-                values["gradwatch/lr"] = rec.lr
-            if rec.loss_scale is not None:
-                values["gradwatch/amp/loss_scale"] = rec.loss_scale
-                values["gradwatch/amp/scaler_skipped"] = float(rec.scaler_skipped)
-            self._emit_scalars(rec.step, values)
+            self._tail_row = None
+            self._emit_scalars(rec.step, self._row_values(rec))
         values: dict[str, float] = {}
         if stats.weight_norm:
             total = math.sqrt(sum(v * v for v in stats.weight_norm.values()))
@@ -769,6 +766,21 @@ class Monitor:
         if values:
             self._emit_scalars(stats.step, values)
 
+    @staticmethod
+    def _row_values(rec: StepRecord) -> dict[str, float]:
+        """A step's TensorBoard row."""
+        values = {"gradwatch/grad_norm/total": rec.grad_norm}
+        if rec.grad_nonfinite:
+            values["gradwatch/nonfinite/grad_params"] = rec.grad_nonfinite
+        if rec.loss is not None:
+            values["gradwatch/loss/train"] = rec.loss
+        if rec.lr is not None:
+            values["gradwatch/lr"] = rec.lr
+        if rec.loss_scale is not None:
+            values["gradwatch/amp/loss_scale"] = rec.loss_scale
+            values["gradwatch/amp/scaler_skipped"] = float(rec.scaler_skipped)
+        return values
+
     def _track(self, name: str, value: float) -> None:
         if not math.isfinite(value):
             return
@@ -788,7 +800,10 @@ class Monitor:
     def finish(self, status: str = "finished") -> dict[str, Any]:
         """Flush what is pending, write the summary, remove hooks. Returns the summary dict."""
         try:
-            self.flush(across_ranks=status == "finished", final=True)
+            self.flush(across_ranks=status == "finished")
+            if self._tail_row is not None:  # the run's last step closes the TensorBoard curves
+                self._emit_scalars(self._tail_row.step, self._row_values(self._tail_row))
+                self._tail_row = None
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
             self._rows = []
             log.warning(

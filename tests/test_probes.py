@@ -252,3 +252,22 @@ def test_heavy_probes_every_read_early_then_every_probe_every_n_steps(tmp_path, 
     assert probed == ([*range(0, 200, 20), 280] if probe_every else reads)  # 180 + 100 -> 280
     assert probed == [r[0] for r in log.reads if r[2]] == [r[0] for r in log.reads if r[3]]
     assert mon.monitor.steps_seen == 341
+
+
+@pytest.mark.parametrize("kind", ["relu", "linear"])
+def test_nan_outputs_are_not_dead_units(kind):
+    """A NaN activation is the nonfinite rule's business: its module reads as NaN, not as dead or zero
+    (``sign(NaN)`` is 0, which would otherwise count every NaN as an inactive unit)."""
+    from gradwatch.probes.activations import FIELDS, summarize
+
+    y = torch.full((16, 8), float("nan"))
+    stats, _ = summarize(y, kind)
+    got = dict(zip(FIELDS, stats.tolist(), strict=True))
+    assert math.isnan(got["mean"]) and got["zero_frac"] == 0.0 and got["dead_unit_frac"] == 0.0
+    y = torch.relu(torch.randn(16, 8)) if kind == "relu" else torch.randn(16, 8)
+    y[:, 3] = 0.0 if kind == "relu" else -1.0  # unit 3 is dead
+    before = y.clone()
+    stats, active = summarize(y, kind)
+    got = dict(zip(FIELDS, stats.tolist(), strict=True))
+    assert got["dead_unit_frac"] == pytest.approx(1 / 8) and float(active[3]) == 0.0
+    assert torch.equal(y, before)  # the model's own output is never modified

@@ -103,6 +103,13 @@ def test_plain_loop_recovers_like_the_trainer(tmp_path):
     assert gw and gw == set(tb_plain["scalars"])
     assert set(tb_plain["tensors"]) == set(tb_trainer["tensors"])  # findings/actions text, custom scalars
     assert "gradwatch/findings/text_summary" in tb_plain["tensors"]
+    # rows are thinned to log_every_n_steps, but every step a remedy touched has its row
+    rows = EventAccumulator(str(tmp_path / "tr" / "tb" / "version_0"), size_guidance={"scalars": 0}).Reload()
+    steps = {e.step for e in rows.Scalars("gradwatch/grad_norm/total")}
+    touched = {a.step for a in monitor.actions} | {
+        s for a in monitor.actions if a.remedy == "clip_gradients" for s in a.detail["steps"]
+    }
+    assert {NAN_AT, SPIKE_AT} <= touched <= steps
 
     # it recovers: accuracy close to the same loop without the faults, not watched
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ tensors, and the last dimension for 3-D outputs of non-convolution modules ``(N,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -76,8 +77,9 @@ def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> tuple[torch.Ten
     """The :data:`FIELDS` vector of one output tensor, and per unit the fraction of samples where it is
     active (relu/linear kinds, else ``None``), computed on its device without a host sync.
 
-    Cost: a few float passes over ``y``. The mean is a sum, the std a second, centred pass (two-pass, as
-    stable as ``torch.std``, which is a single-threaded Welford loop on CPU and several times slower),
+    Cost: a few float passes over ``y``. The mean is a sum, the std the norm of the centred values
+    (two-pass, as stable as ``torch.std``, which is a single-threaded Welford loop on CPU and several
+    times slower; ``vector_norm`` rather than ``dot``, which CUDA refuses beyond 2**31 elements),
     ``max_abs`` comes from ``aminmax``, and every count is the sum of a 0/1 float tensor (``sign`` of
     ``y`` or of ``relu(y)``; boolean comparisons are the slow path on CPU). Per-unit counts are one
     ``sum`` over the other dimensions.
@@ -86,14 +88,10 @@ def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> tuple[torch.Ten
     n = y.numel()
     flat = y.reshape(-1)
     mean = flat.sum() / n
-    if n > 1:
-        centred = flat - mean
-        std = (torch.dot(centred, centred) / (n - 1)).sqrt()
-    else:
-        std = mean.new_zeros(())
+    zero = mean.new_zeros(())
+    std = torch.linalg.vector_norm(flat - mean) / math.sqrt(n - 1) if n > 1 else zero
     lo, hi = torch.aminmax(flat)
     max_abs = torch.maximum(hi, lo.neg())
-    zero = mean.new_zeros(())
     zero_frac = dead = saturated = zero
     active = None
     if kind in ("relu", "linear"):
@@ -103,11 +101,17 @@ def summarize(y: torch.Tensor, kind: str, conv: bool = False) -> tuple[torch.Ten
             dim = _unit_dim(y, conv)
             per_unit = n // y.shape[dim]  # samples (and positions) per unit
             n_on = on.sum(dim=[d for d in range(y.ndim) if d != dim])  # per unit
+            del on  # the forward pass is at its peak memory here: free each temporary at once
             zero_frac = 1 - n_on.sum() / n
             active = n_on / per_unit
             dead = (active < DEAD_RATE).float().mean()
         else:
             zero_frac = 1 - on.sum() / n
+            del on
+        # sign(NaN) is 0: a NaN output would read as "off". It is the nonfinite rule's finding, not a
+        # dead or zero unit (the fractions stay 0, as NaN != 0 had them before)
+        finite = mean.isfinite()
+        zero_frac, dead = torch.where(finite, zero_frac, zero), torch.where(finite, dead, zero)
     if kind == "tanh":
         saturated = _count_above(flat.abs(), 0.99) / n
     elif kind == "sigmoid":  # y < 0.01 or y > 0.99

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,10 +31,7 @@ def input_stats(batch: Any) -> torch.Tensor | None:
     flat = x.detach().float().reshape(-1)
     n = flat.numel()
     mean = flat.sum() / n
-    if n > 1:  # two passes (torch.std_mean is a slow single-threaded loop on CPU)
-        centred = flat - mean
-        std = (torch.dot(centred, centred) / (n - 1)).sqrt()
-    else:
-        std = mean.new_zeros(())
+    # two passes (torch.std_mean is a slow single-threaded loop on CPU)
+    std = torch.linalg.vector_norm(flat - mean) / math.sqrt(n - 1) if n > 1 else mean.new_zeros(())
     lo, hi = torch.aminmax(flat)
     return torch.stack([mean, std, torch.maximum(hi, lo.neg())])

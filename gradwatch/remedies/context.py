@@ -198,8 +198,9 @@ class Snapshots:
 
     def take(self, step: int, ctx: Context, lr: float = float("nan"), lr_applied: float = 1.0) -> Snapshot:
         t0 = time.perf_counter()
-        # the snapshot about to leave the ring lends its host tensors to the new one
-        old = self.ring[0] if len(self.ring) >= self.keep else None
+        # the snapshot leaving the ring lends its host tensors to the new one; it leaves first, so that
+        # a copy failing halfway never leaves a half-written snapshot in the ring
+        old = self.ring.pop(0) if len(self.ring) >= self.keep else None
         old_opts = old.optimizers if old is not None else []
         snap = Snapshot(
             step=step,

@@ -53,8 +53,8 @@ class Run:
         written = [e for e in self.events if e["kind"] == "summary"]
         if written:
             return written[-1]
-        steps = self.scalars.get("gradwatch/loss/train") or self.scalars.get("gradwatch/grad_norm/total")
-        last = int(steps[0][-1]) + 1 if steps is not None and len(steps[0]) else 0
+        # the last step anything was written at (per-step rows are thinned; reads come every_n_steps)
+        last = max((int(s[0][-1]) + 1 for s in self.scalars.values() if len(s[0])), default=0)
         epochs = max((f.epoch for f in self.findings), default=0) + 1
         return build_summary(
             self.findings,
