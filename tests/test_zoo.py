@@ -55,6 +55,8 @@ def test_every_rule_has_a_witness():
 def test_faulty_scenario_is_detected_by_an_expected_rule(results, scenario):
     r = _run(results, scenario.name)
     assert r.detected, [str(f) for f in r.findings]
+    # every fault has an onset, scripted or measured in the run, and is found at or after it
+    assert r.onset is not None and r.latency is not None and r.latency >= 0
     if scenario.kind == "acute":
         assert r.latency is not None and r.latency <= 5
     if scenario.kind == "early":
