@@ -60,6 +60,19 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
+def fabric_scaler(optimizer: Any) -> Any | None:
+    """The GradScaler of Fabric's fp16 precision behind a ``_FabricOptimizer``, or ``None``.
+
+    Fabric's wrapper steps through ``strategy.precision.optimizer_step``, which calls ``scaler.step`` and
+    ``scaler.update`` itself; gradwatch only needs to unscale first (``scaler.unscale_`` marks the
+    optimizer unscaled, so ``scaler.step`` does not unscale twice). Private access, isolated here: the
+    wrapper's ``_strategy``; without it, ``None``.
+    """
+    precision = getattr(getattr(optimizer, "_strategy", None), "precision", None)
+    scaler = getattr(precision, "scaler", None)
+    return scaler if callable(getattr(scaler, "unscale_", None)) else None
+
+
 def _as_list(name: str, value: Any, ok: Any, example: str) -> list[Any]:
     items = list(value) if isinstance(value, list | tuple) else [value]
     for item in items:
@@ -213,6 +226,13 @@ class Watch:
         self.schedulers = schedulers
         self.step_scheduler = step_scheduler
         self.scaler = scaler
+        #: Fabric's own GradScaler (``precision="16-mixed"``), which Fabric's optimizer wrapper steps.
+        self.fabric_scaler = next((s for s in map(fabric_scaler, optimizers) if s is not None), None)
+        if scaler is not None and self.fabric_scaler is not None:
+            raise ConfigError(
+                "scaler: Fabric's 16-mixed precision already scales the loss with its own GradScaler, which "
+                "gradwatch finds through the optimizer. Write Watch(model, optimizer) without scaler=."
+            )
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
         self.name = name
         #: The optimizer step the next :meth:`step` records (0 first), like ``trainer.global_step``.
@@ -248,7 +268,7 @@ class Watch:
             model=self.module,
             optimizers=lambda: list(self._raw_optimizers),
             schedulers=lambda: list(self.schedulers),
-            scaler=scaler,
+            scaler=scaler if scaler is not None else self.fabric_scaler,
             request_stop=self._request_stop,
             automatic=True,
             reduce_any=_reduce_any(device),
@@ -309,10 +329,17 @@ class Watch:
             self.monitor.context.scaler = scaler
             self.monitor.setup["scaler"] = type(scaler).__name__
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
-        if scaler is not None:
-            for opt in self.optimizers:
+        fabric = (
+            self.fabric_scaler if self.fabric_scaler is not None and self.fabric_scaler.is_enabled() else None
+        )
+        # Fabric's scaler keys its state by the raw optimizer its precision plugin is handed
+        unscaler, targets = (
+            (scaler, self.optimizers) if scaler is not None else (fabric, self._raw_optimizers)
+        )
+        if unscaler is not None:
+            for opt in targets:
                 try:
-                    scaler.unscale_(opt)
+                    unscaler.unscale_(opt)
                 except RuntimeError as err:  # the user unscaled already (to clip, say): fine
                     if "already been called" not in str(err):
                         raise
@@ -323,7 +350,7 @@ class Watch:
             self.epoch,
             params,
             _lr_of(self._raw_optimizers[0]),
-            loss_scale=scale_tensor(scaler),
+            loss_scale=scale_tensor(scaler or fabric),
             grads_scaled=False,  # unscaled above, also for fused optimizers
         )
         for opt in self.optimizers:
@@ -339,7 +366,7 @@ class Watch:
         if loss is not None and not isinstance(loss, torch.Tensor):
             loss = torch.tensor(float(loss))
         self._forward_seen = False
-        new = self.monitor.batch_end(loss, loss_scale=scale_tensor(scaler))
+        new = self.monitor.batch_end(loss, loss_scale=scale_tensor(scaler or fabric))
         self.global_step += 1
         return new
 
@@ -410,7 +437,15 @@ class Watch:
         return {
             "loop": "fabric" if fabric else "plain",
             "manual_optimization": False,
-            "scaler": type(self.scaler).__name__ if self.scaler is not None else None,
+            "scaler": (
+                type(self.scaler).__name__
+                if self.scaler is not None
+                else (
+                    f"{type(self.fabric_scaler).__name__} (Fabric)"
+                    if self.fabric_scaler is not None
+                    else None
+                )
+            ),
             "num_optimizers": len(opts),
             "optimizers": [type(o).__name__ for o in opts],
             "param_groups": [len(o.param_groups) for o in opts],

@@ -147,6 +147,42 @@ def test_fabric_loop_gives_the_plain_loops_findings(tmp_path):
     assert (tmp_path / "gradwatch" / "events.jsonl").exists()
 
 
+def test_fabric_fp16_norms_are_unscaled(tmp_path):
+    """Fabric's own 16-mixed GradScaler: gradwatch unscales before measuring (Fabric's wrapper then steps
+    and updates the scaler without unscaling twice), so the norms are the true ones, not x65536."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu")
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    torch.manual_seed(0)
+    model = FaultyMLP()
+    fmodel, fopt = fabric.setup(model, model.configure_optimizers())
+    before = [p.detach().clone() for p in model.parameters()]
+    checked = 0
+    with gradwatch.Watch(fmodel, fopt, every_n_steps=1, remedies="off", print_summary=False) as watch:
+        assert watch.monitor.setup["scaler"] == "GradScaler (Fabric)"
+        for step, batch in enumerate(fabric.setup_dataloaders(digits_loaders()[0])):
+            if step == 12:
+                break
+            fopt.zero_grad()
+            with fabric.autocast():
+                loss = model.loss_at(batch, step)
+            fabric.backward(loss)
+            scale = scaler.get_scale()
+            watch.step(loss)
+            # unscale_ works in place: the gradients the optimizer used are the unscaled ones
+            ref = math.sqrt(
+                sum(torch.linalg.vector_norm(p.grad.float()).item() ** 2 for p in model.parameters())
+            )
+            rec = watch.monitor.last_stats.steps[-1]
+            if math.isfinite(ref) and rec.loss_scale == scale:
+                assert rec.grad_norm == pytest.approx(ref, rel=1e-4)
+                checked += 1
+    assert checked >= 10 and ref < 100  # scaled norms would be ~65536x larger
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it trained
+
+
 def test_both_lightning_namespaces(tmp_path, loaders):
     import lightning.pytorch as L
     import pytorch_lightning as pl
