@@ -99,23 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     spent = instrument(clock, args.split)
     root = tempfile.mkdtemp(prefix="gradwatch-hooks-")
 
-    def fit() -> None:
-        with torch.no_grad():
-            wl.module.load_state_dict(wl.initial)
-        wl.module.log_grad_norm = False
-        trainer = pl.Trainer(
-            max_steps=args.steps,
-            logger=pl.loggers.TensorBoardLogger(root),
-            callbacks=[clock, gradwatch.HealthMonitor(remedies=args.remedies, print_summary=False)],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=root,
-            **wl.trainer_kw,
-        )
-        trainer.fit(wl.module, wl.loader)
+    cfg = overhead.Config(
+        "gradwatch", lambda: [clock, gradwatch.HealthMonitor(remedies=args.remedies, print_summary=False)], ""
+    )
+
+    def fit() -> None:  # the benchmark's own run: same model start, batches and Trainer settings
+        overhead.run_once(wl, cfg, warmup=0, early=0, steps=args.steps, root=root)
 
     fit()  # warm-up
     spent.clear()
