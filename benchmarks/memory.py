@@ -32,7 +32,7 @@ import gradwatch  # noqa: E402
 CONFIGS = {
     "bare": None,
     "default": dict(remedies="off"),
-    "everything_on": dict(remedies="off", every_n_steps=5, per_layer=True),
+    "everything_on": dict(remedies="off", every_n_steps=5, probe_every_n_steps=None, per_layer=True),
 }
 
 
