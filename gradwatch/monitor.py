@@ -122,9 +122,6 @@ class Monitor:
             if probe_every_n_steps is None
             else check_positive_int("probe_every_n_steps", probe_every_n_steps, 100)
         )
-        self._last_probe: int | None = None
-        self._tail_row: StepRecord | None = None
-        self._probe_memo: tuple[int, bool] = (-1, False)
         self.remedy_mode = remedies if isinstance(remedies, str) else "custom"
         self.remedies: list[Remedy] = resolve_remedies(remedies)
         if alert_url is not None and (
@@ -180,6 +177,9 @@ class Monitor:
         self._losses: list[torch.Tensor] = []
         self._loss_n = 0
         self._probed_step: int | None = None
+        self._last_probe: int | None = None  # the last probe step (see probing)
+        self._probe_memo: tuple[int, bool] = (-1, False)  # (step, decision): asked twice per step
+        self._tail_row: StepRecord | None = None  # the last step's row, if not written yet
         self._snap = Transfer()
         self._snap_meta: dict[str, Any] = {}
         self._val_loss: float | None = None
@@ -256,8 +256,7 @@ class Monitor:
         self._snap = Transfer()
         self._snap_meta = {}
         self._probed_step = None
-        self._last_probe, self._probe_memo = None, (-1, False)
-        self._tail_row: StepRecord | None = None
+        self._last_probe, self._probe_memo, self._tail_row = None, (-1, False), None
         self._row = None
         self._rows, self._clips, self._step_actions = [], [], []
         self._losses, self._loss_n = [], 0
@@ -294,7 +293,7 @@ class Monitor:
         return due
 
     def batch_start(self, step: int, batch: Any) -> None:
-        """Before the forward: keep the buffers for skip_step; on a scheduled step's first batch, attach
+        """Before the forward: keep the buffers for skip_step; on a probe step's first batch, attach
         activation hooks and read inputs."""
         if self.context is not None:
             if self.skip is not None and self._loss_n == 0 and self._row is None:
@@ -334,7 +333,7 @@ class Monitor:
             self._row = {"step": step, "epoch": epoch, "lr": lr}
             if loss_scale is not None:
                 self._row["scale_before"] = loss_scale.detach().clone()  # update() changes it in place
-            if scheduled and self.probe_update_ratio and self._weights is not None and self.probing(step):
+            if self.probe_update_ratio and self._weights is not None and self.probing(step):
                 self._weights.snapshot()
         if measured is None:
             return
