@@ -376,3 +376,59 @@ def test_a_second_fit_never_restores_the_first_fits_state(tmp_path, loaders):
     (rollback,) = [a for a in mon.actions if a.remedy == "rollback"]
     assert rollback.detail["restored_step"] <= 10  # this run's own healthy state, not step 55 of the first
     assert all(torch.isfinite(p).all() for p in second.parameters())
+
+
+class FusedNet(DigitsMLP):
+    """No BatchNorm, a fused AdamW with weight decay: skip_step decides on the device (found_inf)."""
+
+    def __init__(self, nan_steps=(), fused=True):
+        super().__init__()
+        self.nan_steps, self.fused = set(nan_steps), fused
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step in self.nan_steps:
+            x = torch.full_like(x, math.nan)
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1, fused=self.fused)
+
+
+def test_skip_step_with_a_fused_optimizer_decides_on_device(tmp_path, loaders):
+    """One fused optimizer, no running statistics: the optimizer gets GradScaler's ``found_inf`` flag and
+    its kernel leaves everything as it was; no host read; the skip is logged at the next read."""
+    nan, seen = 5, {}
+
+    class Capture(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == nan:
+                seen["before"] = state_of(pl_module, trainer.optimizers[0])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == nan + 1:
+                seen["after"] = state_of(pl_module, trainer.optimizers[0])
+                seen["armed"] = "found_inf" in vars(trainer.optimizers[0])
+
+    mon = gradwatch.HealthMonitor(every_n_steps=4)
+    model = FusedNet(nan_steps={nan})
+    trainer(tmp_path, [mon, Capture()], max_steps=10, logger=False).fit(model, loaders[0])
+    assert_same(seen["before"]["model"], seen["after"]["model"])
+    assert_same(seen["before"]["optimizer"]["state"], seen["after"]["optimizer"]["state"])  # moments, step
+    assert not seen["armed"]  # the flag was for that one step
+    (skip,) = [a for a in mon.actions if a.remedy == "skip_step"]
+    assert (skip.step, skip.rule, skip.detail["optimizer_step"]) == (nan, "nonfinite", "skipped")
+    assert [f.step for f in mon.findings if f.rule == "nonfinite"] == [nan]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_device_skips_escalate_to_rollback_at_the_read(tmp_path, loaders, fused):
+    """Three skipped steps in a row escalate to a rollback: decided on device and tallied at the read
+    (fused), or read and decided per step (not fused), with the same actions."""
+    mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "rollback"])
+    model = FusedNet(nan_steps={15, 16, 17}, fused=fused)
+    trainer(tmp_path, [mon], max_steps=22, logger=False).fit(model, loaders[0])
+    acts = [(a.remedy, a.step) for a in mon.actions]
+    assert acts[:4] == [("skip_step", 15), ("skip_step", 16), ("skip_step", 17), ("rollback", 17)], acts
+    assert all(torch.isfinite(p).all() for p in model.parameters())
