@@ -87,9 +87,8 @@ class _PendingRow:
     losses: list[torch.Tensor] = field(default_factory=list)  # one per (micro-)batch
     scale: torch.Tensor | None = None  # GradScaler: the scale after the step, and whether it skipped
     skipped: torch.Tensor | None = None
-    device_skip: bool = (
-        False  # skip_step decided on device (a fused optimizer's found_inf): tallied at the read
-    )
+    # skip_step decided on device (a fused optimizer's found_inf): tallied at the read
+    device_skip: bool = False
 
 
 def _check_bool(name: str, value: object) -> bool:
