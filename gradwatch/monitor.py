@@ -87,8 +87,9 @@ class _PendingRow:
     losses: list[torch.Tensor] = field(default_factory=list)  # one per (micro-)batch
     scale: torch.Tensor | None = None  # GradScaler: the scale after the step, and whether it skipped
     skipped: torch.Tensor | None = None
-    # skip_step decided on device (a fused optimizer's found_inf): tallied at the read
-    device_skip: bool = False
+    device_skip: bool = (
+        False  # skip_step decided on device (a fused optimizer's found_inf): tallied at the read
+    )
 
 
 def _check_bool(name: str, value: object) -> bool:

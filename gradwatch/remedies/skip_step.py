@@ -30,10 +30,9 @@ class SkipStep(Remedy):
 
     **Without a host sync** (``SkipStep.on_device``): in a single process, with one fused optimizer
     (``fused=True`` Adam, AdamW or SGD, which take GradScaler's ``found_inf`` tensor) and no BatchNorm
-    running statistics to restore, the decision stays on the device: the optimizer gets ``found_inf``
-    = "the total squared norm is not finite", and its fused kernel leaves weights, moments and step
-    counts untouched on such a step, exactly as above. The skip is then counted, logged and escalated
-    at the next read.
+    running statistics to restore, the decision stays on the device: the optimizer gets ``found_inf`` = "the total squared norm is not
+    finite", and its fused kernel leaves weights, moments and step counts untouched on such a step,
+    exactly as above. The skip is then counted, logged and escalated at the next read.
 
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
     monitor escalates to ``rollback`` when it is enabled.
