@@ -87,9 +87,6 @@ class _PendingRow:
     losses: list[torch.Tensor] = field(default_factory=list)  # one per (micro-)batch
     scale: torch.Tensor | None = None  # GradScaler: the scale after the step, and whether it skipped
     skipped: torch.Tensor | None = None
-    device_skip: bool = (
-        False  # skip_step decided on device (a fused optimizer's found_inf): tallied at the read
-    )
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -252,9 +249,6 @@ class Monitor:
     def unbind(self) -> None:
         """Remove every hook and drop per-run device state. Safe to call more than once."""
         self.lr.detach()
-        if self._row is not None and self._row.get("device_skip") and self.context is not None:
-            for opt in self.context.optimizers():  # a step that raised must not leave its flag armed
-                SkipStep.disarm(opt)
         if self._acts is not None:
             self._acts.remove()
         if self._weights is not None:
@@ -376,9 +370,6 @@ class Monitor:
         if self._row is None:
             return []  # accumulating: no optimizer step in this batch
         row, self._row = self._row, None
-        if row.get("device_skip") and self.context is not None:
-            for opt in self.context.optimizers():
-                SkipStep.disarm(opt)
         pending = _PendingRow(
             row["step"],
             row["epoch"],
@@ -388,7 +379,6 @@ class Monitor:
             row.get("norms", []),
             row.get("positions", []),
             self._losses,
-            device_skip=bool(row.get("device_skip")),
         )
         before = row.get("scale_before")
         if before is not None and loss_scale is not None:
@@ -461,8 +451,6 @@ class Monitor:
         new: list[Finding] = []
         for detector in self.detectors:
             new.extend(detector.check(stats.step, stats))
-        if self.skip is not None:
-            self._tally_device_skips(rows, stats)
         step_actions, self._step_actions = self._step_actions, []
         clipped = []
         if "clips" in host and self.clip is not None:
@@ -514,18 +502,10 @@ class Monitor:
             return
         watched = [p for p in params if p.grad is not None and id(p) in self._layout.index_of]
         sq_host: float | None = None
-        opts = ctx.optimizers()
         if (
             self.skip is not None and not scaled and self.skip.ready(step)
         ):  # a GradScaler skips such steps itself
             sq = torch.dot(norms, norms)
-            if ctx.world_size == 1 and self.skip.on_device(opts) and self._row is not None:
-                # no read: the fused optimizer skips on the device flag; counted at the next read
-                self.skip.arm(opts[0], torch.isfinite(sq).logical_not().float())
-                self._row["device_skip"] = True
-                if self.clip is not None and watched:
-                    self._row["clip"] = self.clip.clip([p.grad for p in watched], sq)
-                return
             sq_host = float(sq)  # sync: skip_step's decision, the one read per step
             skip, norm, bad = self.skip.decide(step, sq_host, norms, ctx.reduce_any)
             if skip:
@@ -537,27 +517,12 @@ class Monitor:
                     self._escalate(step, epoch)
                 return
         # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
-        if self.clip is not None and watched and self._row is not None and len(opts) == 1:
+        if self.clip is not None and watched and self._row is not None and len(ctx.optimizers()) == 1:
             grads = [p.grad for p in watched]
             if sq_host is not None:  # already on the host: no device work at all unless it clips
                 self._row["clip"] = self.clip.clip_host(grads, sq_host)
             else:
                 self._row["clip"] = self.clip.clip(grads, torch.dot(norms, norms))
-
-    def _tally_device_skips(self, rows: list[_PendingRow], stats: Stats) -> None:
-        """Steps whose skip was decided on device (a fused optimizer's ``found_inf``): now that their norms
-        are on the host, count them, log each skip, and escalate as the per-step path would have."""
-        for r, rec in zip(rows, stats.steps, strict=True):
-            if not r.device_skip:
-                continue
-            skipped = rec.grad_nonfinite > 0 or not math.isfinite(rec.grad_norm)
-            self.skip.tally(r.step, skipped)
-            if skipped:
-                self._step_actions.append(
-                    self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite)
-                )
-                if self.skip.consecutive >= self.skip.max_consecutive:
-                    self._escalate(r.step, r.epoch)
 
     def _escalate(self, step: int, epoch: int) -> None:
         """Skipping is not enough: roll back if possible, else (the ladder spent) stop and say why."""

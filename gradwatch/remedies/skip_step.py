@@ -15,9 +15,8 @@ from gradwatch.remedies.base import Remedy
 class SkipStep(Remedy):
     """Skip the optimizer step entirely when any gradient is non-finite.
 
-    Decided every step, before the optimizer steps: in general this is the one host sync gradwatch adds
-    per step when it is on (the decision cannot wait; but see "without a host sync" below), reduced
-    across ranks so that every rank skips together.
+    Decided every step, before the optimizer steps: this is the one host sync gradwatch adds per step
+    when it is on (the decision cannot wait), reduced across ranks so that every rank skips together.
     The gradients of the optimizer's parameters are set to ``None``; PyTorch's optimizers skip
     parameters without a gradient, so no weight, moment, step count or weight decay changes, and nothing
     leaks into the next accumulation window. ``optimizer.step()`` itself is still called, so LR
@@ -27,12 +26,6 @@ class SkipStep(Remedy):
     A NaN batch also poisons BatchNorm's running statistics in its forward pass, before any gradient
     exists; so at the start of each step the model's buffers are copied on device
     (``torch._foreach_copy_``, no host sync; buffers are small) and put back when the step is skipped.
-
-    **Without a host sync** (``SkipStep.on_device``): in a single process, with one fused optimizer
-    (``fused=True`` Adam, AdamW or SGD, which take GradScaler's ``found_inf`` tensor) and no BatchNorm
-    running statistics to restore, the decision stays on the device: the optimizer gets ``found_inf`` = "the total squared norm is not
-    finite", and its fused kernel leaves weights, moments and step counts untouched on such a step,
-    exactly as above. The skip is then counted, logged and escalated at the next read.
 
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
     monitor escalates to ``rollback`` when it is enabled.
@@ -48,42 +41,10 @@ class SkipStep(Remedy):
         self._buffers: list[torch.Tensor] | None = None
         self._counted_step: int | None = None
         self._saved: list[torch.Tensor] = []
-        self._running_stats = False
 
     def bind(self, model: torch.nn.Module) -> None:
         self._buffers = list(model.buffers())
         self._saved = [b.detach().clone() for b in self._buffers]
-        self._running_stats = any(
-            isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
-            for m in model.modules()
-        )
-
-    def on_device(self, optimizers: list[torch.optim.Optimizer]) -> bool:
-        """Whether the step can be skipped without reading the decision: one optimizer whose fused kernel
-        honours ``found_inf`` (as GradScaler uses it), and no running statistics to put back."""
-        return (
-            len(optimizers) == 1
-            and getattr(optimizers[0], "_step_supports_amp_scaling", False)
-            and not self._running_stats
-        )
-
-    @staticmethod
-    def arm(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
-        """Hand the fused optimizer the device flag (1.0: skip this step), as GradScaler.step does."""
-        optimizer.grad_scale, optimizer.found_inf = None, nonfinite
-
-    @staticmethod
-    def disarm(optimizer: torch.optim.Optimizer) -> None:
-        """After the optimizer stepped: the flag is for that one step only."""
-        for attr in ("grad_scale", "found_inf"):
-            if attr in vars(optimizer):
-                delattr(optimizer, attr)
-
-    def tally(self, step: int, skipped: bool) -> None:
-        """Count a decided step towards ``max_consecutive`` (once per step, whatever the optimizers)."""
-        if self._counted_step != step:
-            self._counted_step = step
-            self.consecutive = self.consecutive + 1 if skipped else 0
 
     def save_buffers(self) -> None:
         """At the start of a step: keep the buffers (BatchNorm running statistics) as they are."""
@@ -103,7 +64,9 @@ class SkipStep(Remedy):
         but the step counts once towards ``max_consecutive``.
         """
         skip = reduce_any(not math.isfinite(sq))
-        self.tally(step, skip)
+        if self._counted_step != step:
+            self._counted_step = step
+            self.consecutive = self.consecutive + 1 if skip else 0
         if not skip:
             return False, math.sqrt(sq), 0
         bad = int((~torch.isfinite(norms)).sum())  # sync: only on a skipped step, for its report
