@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"rank {fabric.global_rank}: weights finite {all(bool(p.isfinite().all()) for p in model.parameters())}"
     )
+    # rollback snapshots: every rank keeps the same ones (a step cadence, not each rank's clock)
+    print(f"rank {fabric.global_rank}: snapshots at steps {[s.step for s in watch.monitor.snapshots.ring]}")
 
 
 if __name__ == "__main__":

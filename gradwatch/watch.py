@@ -272,6 +272,7 @@ class Watch:
             request_stop=self._request_stop,
             automatic=True,
             reduce_any=_reduce_any(device),
+            world_size=world_size(),  # under DDP every rank keeps the same snapshots (step-only cadence)
         )
         self.monitor.bind(self.module, sinks, meta={"run": self.log_dir or name}, context=context)
         self.monitor.setup = self._describe()

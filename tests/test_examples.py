@@ -67,4 +67,6 @@ def test_fabric_example_under_ddp_on_two_cpu_processes(tmp_path):
     assert "world_size=2" in text and "loop=fabric" in text
     assert "findings: [('nonfinite', 15), ('gradient_spike', 35)" in text
     assert "rank 0: weights finite True" in text and "rank 1: weights finite True" in text
+    snaps = sorted(line.split(": ", 1)[1] for line in text.splitlines() if ": snapshots at steps" in line)
+    assert len(snaps) == 2 and snaps[0] == snaps[1], snaps  # both ranks could roll back to the same state
     assert (tmp_path / "gradwatch" / "events.jsonl").exists()
