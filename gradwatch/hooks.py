@@ -49,8 +49,10 @@ def _context(trainer: Any, pl_module: Any) -> Context:
     def stop() -> None:
         trainer.should_stop = True
 
+    world = int(trainer.world_size)  # fixed for the fit; read once, not on every step's skip decision
+
     def reduce_any(decision: bool) -> bool:
-        if trainer.world_size <= 1:
+        if world <= 1:
             return decision
         return bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
 
@@ -62,7 +64,7 @@ def _context(trainer: Any, pl_module: Any) -> Context:
         request_stop=stop,
         automatic=bool(pl_module.automatic_optimization),
         reduce_any=reduce_any,
-        world_size=int(trainer.world_size),
+        world_size=world,
     )
 
 
@@ -96,8 +98,9 @@ class HealthMonitorHooks:
         name: tells two monitors in one trainer apart in checkpoints.
         print_summary: log the one-screen summary when fit ends.
         alerts: more alert targets: http(s) URLs and/or callables taking the payload dict.
-        snapshot_every: with ``rollback`` on, keep a healthy state in host memory at most every this many
-            steps (and never more often than keeps copying under 1% of the training time).
+        snapshot_every: with ``rollback`` on, keep a healthy state in host memory every this many steps (at
+            the first healthy read after). Default ``None``: every 20 steps at most, and never more often
+            than keeps the copying under 0.25% of the training time (a large model snapshots less often).
         snapshots: how many such states to keep (memory: this many copies of model + optimizer state).
 
     Raises:
@@ -126,7 +129,7 @@ class HealthMonitorHooks:
         val_loss_key: str | None = None,
         name: str | None = None,
         print_summary: bool = True,
-        snapshot_every: int = 20,
+        snapshot_every: int | None = None,
         snapshots: int = 2,
         alerts: Iterable[Target] | None = None,
     ) -> None:
@@ -158,6 +161,7 @@ class HealthMonitorHooks:
         self.name = name
         self._events_path = events_path
         self._fitting = False
+        self._scaler: Any = None  # the trainer's GradScaler, looked up once per fit
 
     # ------------------------------------------------------------------ public attributes
     @property
@@ -200,6 +204,7 @@ class HealthMonitorHooks:
             if self._alert_targets:
                 sinks.append(Alerts(self._alert_targets, run=self.name))
         self._progress.attach(trainer)
+        self._scaler = scaler_of(trainer)  # the precision plugin is set for the whole fit
         self.monitor.bind(
             pl_module, sinks, meta={"run": trainer.log_dir}, context=_context(trainer, pl_module)
         )
@@ -233,7 +238,7 @@ class HealthMonitorHooks:
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        loss_scale, grads_scaled = amp_view(trainer, optimizer)
+        loss_scale, grads_scaled = amp_view(self._scaler, optimizer)
         self.monitor.before_optimizer_step(
             trainer.global_step,
             trainer.current_epoch,
@@ -250,7 +255,7 @@ class HealthMonitorHooks:
         if loss is not None and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
             # Lightning hands back loss / accumulate_grad_batches: record the micro-batch's own loss
             loss = loss * trainer.accumulate_grad_batches
-        self.monitor.batch_end(loss, loss_scale=scale_tensor(scaler_of(trainer)))
+        self.monitor.batch_end(loss, loss_scale=scale_tensor(self._scaler))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or not self._fitting:

@@ -68,6 +68,9 @@ MAX_PENDING_ROWS = 1024
 #: then every ``probe_every_n_steps``.
 DENSE_PROBE_STEPS = 200
 
+#: With the default ``snapshot_every=None``: the most of the training time rollback snapshots may take.
+AUTO_SNAPSHOT_OVERHEAD = 0.0025
+
 #: The per-step row, as sufficient statistics that add up across ranks (see gradwatch.distributed):
 #: first_x_bad is the first non-finite index where bad is 1, else 0; skipped is the GradScaler's skip flag.
 ROW_FIELDS = ("loss", "grad_sq", "nonfinite", "first_x_bad", "bad", "loss_scale", "skipped")
@@ -112,7 +115,7 @@ class Monitor:
         update_ratio: bool = True,
         detectors: Iterable[Detector] | None = None,
         print_summary: bool = True,
-        snapshot_every: int = 20,
+        snapshot_every: int | None = None,
         snapshots: int = 2,
     ) -> None:
         self.schedule: Schedule = as_schedule("every_n_steps", every_n_steps, 20)
@@ -192,7 +195,11 @@ class Monitor:
         self.lr = LRControl()
         self.snapshots = Snapshots(
             keep=check_positive_int("snapshots", snapshots, 2),
-            every_n_steps=check_positive_int("snapshot_every", snapshot_every, 20),
+            # None: every 20 steps at most, and copying at most 0.25% of the time; a number: that cadence
+            every_n_steps=20
+            if snapshot_every is None
+            else check_positive_int("snapshot_every", snapshot_every, 20),
+            max_overhead=AUTO_SNAPSHOT_OVERHEAD if snapshot_every is None else None,
         )
         self.best = BestWeights()
         self.skip = self._remedy(SkipStep)
@@ -337,13 +344,15 @@ class Monitor:
                 self._weights.snapshot()
         if measured is None:
             return
-        norms, positions, layers = measured
+        norms, positions, layers, grads = measured
         if grads_scaled and loss_scale is not None:  # still scaled: ||g / s|| = ||g|| * (1/s)
             inv = loss_scale.detach().float().reciprocal()
             norms = norms * inv
             layers = layers * inv.square() if layers is not None else None
         if self.context is not None and (self.skip is not None or self.clip is not None):
-            self._repair_gradients(self._row["step"], epoch, params, norms, scaled=loss_scale is not None)
+            self._repair_gradients(
+                self._row["step"], epoch, params, grads, norms, scaled=loss_scale is not None
+            )
         self._row.setdefault("norms", []).append(norms)  # derived at the read, for all steps at once
         self._row.setdefault("positions", []).append(positions)
         if layers is not None:
@@ -488,6 +497,7 @@ class Monitor:
         step: int,
         epoch: int,
         params: list[torch.Tensor],
+        grads: list[torch.Tensor],
         norms: torch.Tensor,
         scaled: bool,
     ) -> None:
@@ -500,7 +510,6 @@ class Monitor:
         ctx = self.context
         if ctx is None:
             return
-        watched = [p for p in params if p.grad is not None and id(p) in self._layout.index_of]
         sq_host: float | None = None
         if (
             self.skip is not None and not scaled and self.skip.ready(step)
@@ -517,8 +526,7 @@ class Monitor:
                     self._escalate(step, epoch)
                 return
         # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
-        if self.clip is not None and watched and self._row is not None and len(ctx.optimizers()) == 1:
-            grads = [p.grad for p in watched]
+        if self.clip is not None and grads and self._row is not None and len(ctx.optimizers()) == 1:
             if sq_host is not None:  # already on the host: no device work at all unless it clips
                 self._row["clip"] = self.clip.clip_host(grads, sq_host)
             else:
@@ -650,7 +658,13 @@ class Monitor:
                 else:
                     per_row.append(torch.tensor([0.0, 0.0, -1.0], device=device))
             sq, count, first = torch.stack(per_row).to(device).unbind(1)
-        if all(len(r.losses) == 1 for r in rows):
+        first_loss = rows[0].losses[0] if rows[0].losses else None
+        if first_loss is not None and all(
+            len(r.losses) == 1 and r.losses[0].dim() == 0 and r.losses[0].dtype == first_loss.dtype
+            for r in rows
+        ):  # the common case: one 0-d loss per step, stacked in one op
+            loss = torch.stack([r.losses[0] for r in rows]).float().to(device)
+        elif all(len(r.losses) == 1 for r in rows):
             loss = torch.stack([r.losses[0].float().reshape(()) for r in rows]).to(device)
         else:
             loss = torch.stack(

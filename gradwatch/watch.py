@@ -156,7 +156,7 @@ class Watch:
         update_ratio: bool = True,
         detectors: Iterable[Detector] | None = None,
         print_summary: bool = True,
-        snapshot_every: int = 20,
+        snapshot_every: int | None = None,
         snapshots: int = 2,
         alert_url: str | None = None,
         alerts: Iterable[Target] | None = None,

@@ -15,7 +15,7 @@ from torch import nn
 import gradwatch
 from gradwatch.detectors import DeadUnits, Detector, NonFinite
 from gradwatch.findings import Finding
-from gradwatch.remedies import EarlyStop, ReduceLR, Reinitialize, Rollback, SkipStep
+from gradwatch.remedies import Context, EarlyStop, ReduceLR, Reinitialize, Rollback, SkipStep
 
 
 class FireAt(Detector):
@@ -356,6 +356,21 @@ def test_remedies_work_under_manual_optimization(tmp_path, loaders):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for k in range(11, 15):  # read at step 10: from 11 on, the user's schedule, halved
         assert lrs[k] == pytest.approx(0.5 * 0.1 / (1 + 0.1 * k), rel=1e-9), k
+
+
+def test_snapshot_cadence_default_is_time_budgeted_and_explicit_is_kept():
+    """Default: every 20 steps at most, and copying <= 0.25% of the time; snapshot_every=N: every N steps."""
+    ctx = Context(model=nn.Linear(4, 2))
+    auto = gradwatch.HealthMonitor().monitor.snapshots
+    explicit = gradwatch.HealthMonitor(snapshot_every=5).monitor.snapshots
+    assert (auto.every_n_steps, auto.max_overhead) == (20, 0.0025)
+    assert (explicit.every_n_steps, explicit.max_overhead) == (5, None)
+    for snaps in (auto, explicit):
+        snaps.take(0, ctx)
+        snaps.last_seconds = 60.0  # as if the copy had taken a minute
+    assert not auto.due(100)  # the budget holds it back (4 hours of training per such copy)
+    assert auto.due(100, timed=False)  # distributed: step cadence only, alike on every rank
+    assert explicit.due(5) and not explicit.due(4)
 
 
 def test_a_second_fit_never_restores_the_first_fits_state(tmp_path, loaders):

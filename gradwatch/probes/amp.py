@@ -54,11 +54,11 @@ def optimizer_handles_unscaling(optimizer: Any) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def amp_view(trainer: Any, optimizer: Any) -> tuple[torch.Tensor | None, bool]:
-    """``(loss_scale, grads_scaled)`` at ``on_before_optimizer_step``.
+def amp_view(scaler: Any, optimizer: Any) -> tuple[torch.Tensor | None, bool]:
+    """``(loss_scale, grads_scaled)`` at ``on_before_optimizer_step``, for the trainer's :func:`scaler_of`.
 
     ``loss_scale`` is the scaler's scale tensor (``None`` without a scaler); ``grads_scaled`` is True when
     the gradients have not been unscaled yet (a fused optimizer), so norms must be divided by the scale.
     """
-    scale = scale_tensor(scaler_of(trainer))
+    scale = scale_tensor(scaler)
     return scale, scale is not None and optimizer_handles_unscaling(optimizer)

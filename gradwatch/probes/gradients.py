@@ -35,10 +35,11 @@ class GradientProbe:
 
     def measure_raw(
         self, params: list[torch.Tensor], per_layer: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """The per-parameter norm vector, its positions in :class:`ParamLayout` order, and (on scheduled
-        steps) per-layer squared norms: two ops on a plain step (``_foreach_norm`` and a stack). Everything
-        derived from the norms is computed later, for many steps at once, at the read."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]] | None:
+        """The per-parameter norm vector, its positions in :class:`ParamLayout` order, (on scheduled steps)
+        per-layer squared norms, and the watched gradients themselves (for clipping): two ops on a plain
+        step (``_foreach_norm`` and a stack). Everything derived from the norms is computed later, for
+        many steps at once, at the read."""
         grads: list[torch.Tensor] = []
         idx: list[int] = []
         index_of = self.layout.index_of
@@ -47,17 +48,18 @@ class GradientProbe:
             i = index_of.get(id(p))
             g = p.grad
             if i is not None and g is not None:
-                grads.append(local(g) if sharded else g)  # sharded: this rank's shard (summed at the read)
+                grads.append(g)
                 idx.append(i)
         if not grads:
             return None
-        norms = foreach_norms(grads)
+        # sharded: each rank measures its own shards (their squares are summed at the read)
+        norms = foreach_norms([local(g) for g in grads] if sharded else grads)
         positions = self._indices(tuple(idx), norms.device)
         layers = None
         if per_layer:
             layers = torch.zeros(len(self.layout.layers), dtype=norms.dtype, device=norms.device)
             layers.index_add_(0, self.layout.layer_index.to(norms.device)[positions], norms.square())
-        return norms, positions, layers
+        return norms, positions, layers, grads
 
 
 def nonfinite_summary(

@@ -46,9 +46,11 @@ class ParamLayout:
         return self._layer_index
 
     def per_layer(self, per_param: torch.Tensor) -> torch.Tensor:
-        """Sum a per-parameter vector into a per-layer vector (e.g. squared norms into squared layer norms)."""
-        out = torch.zeros(len(self.layers), dtype=per_param.dtype, device=per_param.device)
-        return out.index_add_(0, self.layer_index.to(per_param.device), per_param)
+        """Sum per-parameter values into per-layer values along the last dimension (e.g. squared norms into
+        squared layer norms): ``[..., params] -> [..., layers]``, one ``index_add_`` for every row."""
+        shape = (*per_param.shape[:-1], len(self.layers))
+        out = torch.zeros(shape, dtype=per_param.dtype, device=per_param.device)
+        return out.index_add_(per_param.dim() - 1, self.layer_index.to(per_param.device), per_param)
 
     def refresh_device(self) -> None:
         if self.params:

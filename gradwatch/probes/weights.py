@@ -1,7 +1,7 @@
 """Weight probe: per-layer weight norms, non-finite weights, and update-to-weight ratios.
 
 The update ratio ``||w_after - w_before|| / ||w_before||`` needs the weights before the step; they
-are copied only on scheduled steps (one copy of the trainable parameters, freed right after).
+are copied only on probe steps (one copy of the trainable parameters, freed right after the read).
 """
 
 from __future__ import annotations
@@ -18,25 +18,30 @@ class WeightProbe:
         self.layout = layout
         self._before: list[torch.Tensor] | None = None
 
+    def _params(self) -> list[torch.Tensor]:
+        """The parameters as the probes read them, under ``no_grad`` (so no ``detach`` per parameter):
+        this rank's local shards when sharded."""
+        params = self.layout.params
+        return [local(p) for p in params] if self.layout.sharded else list(params)
+
     def snapshot(self) -> None:
-        """Copy the weights before the optimizer step (scheduled steps only)."""
+        """Copy the weights before the optimizer step (probe steps only)."""
         with torch.no_grad():
-            self._before = torch._foreach_mul([local(p.detach()) for p in self.layout.params], 1.0)
+            self._before = torch._foreach_mul(self._params(), 1.0)
 
     def measure(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(sq_per_layer, nonfinite_per_layer, update_sq_per_layer_or_None)`` as device tensors."""
+        """``(sq_per_layer, nonfinite_per_layer, update_sq_per_layer_or_None)`` as device tensors; the
+        last is ``[update, before]`` stacked. One per-layer reduction for all of them."""
         with torch.no_grad():
-            params = [local(p.detach()) for p in self.layout.params]  # sharded: this rank's shards
+            params = self._params()
             norms = foreach_norms(params)
-            bad = (~torch.isfinite(norms)).to(torch.float32)
-            update = None
+            rows = [norms.square(), torch.isfinite(norms).logical_not().to(norms.dtype)]
             if self._before is not None:
                 delta = torch._foreach_sub(params, self._before)
-                update = self.layout.per_layer(foreach_norms(delta).square())
-                before = self.layout.per_layer(foreach_norms(self._before).square())
-                update = torch.stack([update, before])
+                rows += [foreach_norms(delta).square(), foreach_norms(self._before).square()]
                 self._before = None
-            return self.layout.per_layer(norms.square()), self.layout.per_layer(bad), update
+            per = self.layout.per_layer(torch.stack(rows))
+            return per[0], per[1], (per[2:] if len(rows) > 2 else None)
 
     def discard(self) -> None:
         self._before = None

@@ -174,14 +174,15 @@ class Snapshot:
 class Snapshots:
     """A ring of the last ``keep`` healthy states (model, optimizers, schedulers, scaler) in host memory.
 
-    At most one every ``every_n_steps`` steps, and never more often than keeps the time spent copying
-    under ``max_overhead`` (1%) of the training time: a snapshot that took ``d`` seconds waits at least
-    ``d / max_overhead`` seconds of training before the next, so large models snapshot less often.
+    At most one every ``every_n_steps`` steps, and (unless ``max_overhead`` is ``None``) never more often
+    than keeps the time spent copying under ``max_overhead`` of the training time: a snapshot that took
+    ``d`` seconds waits at least ``d / max_overhead`` seconds of training before the next, so large models
+    snapshot less often.
     """
 
     keep: int = 2
     every_n_steps: int = 20
-    max_overhead: float = 0.01
+    max_overhead: float | None = 0.0025
     ring: list[Snapshot] = field(default_factory=list)
     peak_bytes: int = 0
     last_seconds: float = 0.0
@@ -194,7 +195,9 @@ class Snapshots:
             return True
         if step - self.ring[-1].step < self.every_n_steps:
             return False
-        return not timed or (time.perf_counter() - self._last_time) * self.max_overhead >= self.last_seconds
+        if not timed or self.max_overhead is None:
+            return True
+        return (time.perf_counter() - self._last_time) * self.max_overhead >= self.last_seconds
 
     def take(self, step: int, ctx: Context, lr: float = float("nan"), lr_applied: float = 1.0) -> Snapshot:
         t0 = time.perf_counter()

@@ -17,8 +17,9 @@ class Rollback(Remedy):
     more, down to the learning rate the snapshot was taken with, when a schedule has raised it since
     (the schedule resumes from the snapshot, so the step that raised it comes again, lower).
 
-    Snapshots are taken by the monitor every ``snapshot_every`` (20) steps on reads with no warning or
-    critical finding and no open episode, copied to host memory, ``keep`` (2) of them; their size is in
+    Snapshots are taken by the monitor on reads with no warning or critical finding and no open episode,
+    every ``snapshot_every`` steps (default: every 20 at most, and no more often than keeps the copying
+    under 0.25% of the training time), copied to host memory, ``keep`` (2) of them; their size is in
     the summary. Answers non-finite *weights* (the model is corrupted), repeated non-finite steps (after
     ``skip_step`` skipped ``max_consecutive`` in a row) and ``divergence``. The snapshot used is the newest
     one taken at least ``margin`` (20) steps before the finding's step, so a state already drifting is not

@@ -154,10 +154,11 @@ class TensorBoard(Sink):
                 summary = summary if summary is not None else scalars_summary(values)
                 writer.add_summary(summary, step)
 
-    def _text(self, tag: str, text: str, step: int) -> None:
+    def _text(self, tag: str, text: str, step: int, flush: bool = True) -> None:
         for lg in self._tb:
             lg.experiment.add_text(tag, text, global_step=step)
-            lg.experiment.flush()
+            if flush:
+                lg.experiment.flush()
 
     def finding(self, finding: Finding) -> None:
         self._text("gradwatch/findings", finding_markdown(finding), finding.step)
@@ -168,6 +169,9 @@ class TensorBoard(Sink):
             "gradwatch/actions",
             f"**{action.remedy}** at step {action.step} answering `{action.rule}`  \n{action.message}  \n{detail}",
             action.step,
+            # everyday adaptive clipping is not worth a file flush each time (the events file has it at
+            # once); the writer's own flush, or the next finding or action, brings it to TensorBoard
+            flush=not action.detail.get("routine", False),
         )
 
     def close(self) -> None:
