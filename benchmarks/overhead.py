@@ -329,6 +329,7 @@ def configs() -> list[Config]:
     ]
     out += [
         Config("every_step", lambda: [gw(remedies="off", every_n_steps=1)], "every_n_steps=1"),
+        Config("every_100", lambda: [gw(every_n_steps=100)], "HealthMonitor(every_n_steps=100)"),
         Config(
             "everything_on",
             lambda: [gw(remedies="off", every_n_steps=5, probe_every_n_steps=None, per_layer=True)],
@@ -349,6 +350,14 @@ def configs() -> list[Config]:
         Config("hf_debug", lambda: [HFDebug()], "HF DebugUnderflowOverflow", needs="transformers"),
     ]
     return out
+
+
+#: (peer, gradwatch config, what both do): the comparisons at the same logging frequency.
+SAME_FREQUENCY = [
+    ("grad_norm", "default", "every step's gradient norms"),
+    ("wandb_all_1", "every_step", "every step"),
+    ("wandb_all_100", "every_100", "every 100 steps"),
+]
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -561,6 +570,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"early: the same ratio over steps {warmup}-{warmup + early}, where the heavy probes run at every read"
         )
+    overhead = {name: statistics.median(ts) / bare - 1 for name, ts in times.items()}
+    pairs = [p for p in SAME_FREQUENCY if p[0] in overhead and p[1] in overhead]
+    if pairs:
+        print("\nthe same logging frequency: how many times less overhead gradwatch adds than the peer")
+    for peer, ours, what in pairs:
+        times_less = (
+            f"{overhead[peer] / overhead[ours]:.1f}x"
+            if overhead[ours] > 0
+            else "inf (no measurable overhead)"
+        )
+        print(f"  {ours} vs {peer} ({what}): {times_less}")
     if "default" in times:
         ratio = statistics.median(times["default"]) / bare
         line = f"default overhead: {ratio:.2f}x bare (median of {len(times['default'])} interleaved runs"
