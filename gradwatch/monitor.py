@@ -90,6 +90,9 @@ class _PendingRow:
     losses: list[torch.Tensor] = field(default_factory=list)  # one per (micro-)batch
     scale: torch.Tensor | None = None  # GradScaler: the scale after the step, and whether it skipped
     skipped: torch.Tensor | None = None
+    device_skip: bool = (
+        False  # skip_step decided on device (a fused optimizer's found_inf): tallied at the read
+    )
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -211,6 +214,8 @@ class Monitor:
         self._warned_manual: set[str] = set()
         self._resumed = False
         self._deferred: list[Finding] = []
+        #: a device-decided skip that reached max_consecutive while a checkpoint was written: (step, epoch)
+        self._escalation: tuple[int, int] | None = None
 
     def _remedy(self, cls: type) -> Any:
         return next((r for r in self.remedies if isinstance(r, cls)), None)
@@ -233,6 +238,7 @@ class Monitor:
         if not self._resumed:  # a new run: nothing of an earlier fit's state may be restored into it
             self.snapshots.ring.clear()
             self.best = BestWeights()
+            self._escalation = None
             for remedy in self.remedies:
                 remedy.new_run()
             for detector in self.detectors:  # baselines of another run would misjudge this one
@@ -256,6 +262,9 @@ class Monitor:
     def unbind(self) -> None:
         """Remove every hook and drop per-run device state. Safe to call more than once."""
         self.lr.detach()
+        if self._row is not None and self._row.get("device_skip") and self.context is not None:
+            for opt in self.context.optimizers():  # a step that raised must not leave its flag armed
+                SkipStep.disarm(opt)
         if self._acts is not None:
             self._acts.remove()
         if self._weights is not None:
@@ -379,6 +388,9 @@ class Monitor:
         if self._row is None:
             return []  # accumulating: no optimizer step in this batch
         row, self._row = self._row, None
+        if row.get("device_skip") and self.context is not None:
+            for opt in self.context.optimizers():  # the flag was for that one optimizer step
+                SkipStep.disarm(opt)
         pending = _PendingRow(
             row["step"],
             row["epoch"],
@@ -388,6 +400,7 @@ class Monitor:
             row.get("norms", []),
             row.get("positions", []),
             self._losses,
+            device_skip=bool(row.get("device_skip")),
         )
         before = row.get("scale_before")
         if before is not None and loss_scale is not None:
@@ -460,6 +473,8 @@ class Monitor:
         new: list[Finding] = []
         for detector in self.detectors:
             new.extend(detector.check(stats.step, stats))
+        if self.skip is not None:
+            self._tally_device_skips(rows, stats, escalate=respond)
         step_actions, self._step_actions = self._step_actions, []
         clipped = []
         if "clips" in host and self.clip is not None:
@@ -511,10 +526,18 @@ class Monitor:
         if ctx is None:
             return
         sq_host: float | None = None
+        opts = ctx.optimizers()
         if (
             self.skip is not None and not scaled and self.skip.ready(step)
         ):  # a GradScaler skips such steps itself
             sq = torch.dot(norms, norms)
+            if self._row is not None and self.skip.on_device(opts, ctx.world_size, MAX_PENDING_ROWS):
+                # no read: the fused optimizer skips on the device flag; counted at the next read
+                self.skip.arm(opts[0], sq)
+                self._row["device_skip"] = True
+                if self.clip is not None and grads:
+                    self._row["clip"] = self.clip.clip(grads, sq)
+                return
             sq_host = float(sq)  # sync: skip_step's decision, the one read per step
             skip, norm, bad = self.skip.decide(step, sq_host, norms, ctx.reduce_any)
             if skip:
@@ -526,11 +549,32 @@ class Monitor:
                     self._escalate(step, epoch)
                 return
         # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
-        if self.clip is not None and grads and self._row is not None and len(ctx.optimizers()) == 1:
+        if self.clip is not None and grads and self._row is not None and len(opts) == 1:
             if sq_host is not None:  # already on the host: no device work at all unless it clips
                 self._row["clip"] = self.clip.clip_host(grads, sq_host)
             else:
                 self._row["clip"] = self.clip.clip(grads, torch.dot(norms, norms))
+
+    def _tally_device_skips(self, rows: list[_PendingRow], stats: Stats, escalate: bool) -> None:
+        """Steps whose skip was decided on device (a fused optimizer's ``found_inf``): now that their norms
+        are on the host, count them and log each skip. Escalate as the per-step path would have, once per
+        read (at the first step that reached ``max_consecutive``); not while a checkpoint is being written
+        (``escalate=False``): then at the next read."""
+        for r, rec in zip(rows, stats.steps, strict=True):
+            if not r.device_skip:
+                continue
+            # the flag was "the total squared norm is not finite": the same test as the read's row
+            skipped = rec.grad_nonfinite > 0 or not math.isfinite(rec.grad_norm)
+            self.skip.tally(r.step, skipped)
+            if skipped:
+                self._step_actions.append(
+                    self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite)
+                )
+                if self.skip.consecutive >= self.skip.max_consecutive and self._escalation is None:
+                    self._escalation = (r.step, r.epoch)
+        if escalate and self._escalation is not None:
+            (step, epoch), self._escalation = self._escalation, None
+            self._escalate(step, epoch)
 
     def _escalate(self, step: int, epoch: int) -> None:
         """Skipping is not enough: roll back if possible, else (the ladder spent) stop and say why."""
@@ -867,6 +911,7 @@ class Monitor:
             "best_val_loss": self.best.loss,
             "best_step": self.best.step,
             "deferred": [f.to_dict() for f in self._deferred],
+            "escalation": list(self._escalation) if self._escalation is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -893,4 +938,6 @@ class Monitor:
         self.best.loss = float(state.get("best_val_loss", math.inf))
         self.best.step = int(state.get("best_step", -1))
         self._deferred = [Finding.from_dict(f) for f in state.get("deferred", [])]
+        escalation = state.get("escalation")
+        self._escalation = (int(escalation[0]), int(escalation[1])) if escalation else None
         self._resumed = True

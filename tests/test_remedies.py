@@ -391,3 +391,101 @@ def test_a_second_fit_never_restores_the_first_fits_state(tmp_path, loaders):
     (rollback,) = [a for a in mon.actions if a.remedy == "rollback"]
     assert rollback.detail["restored_step"] <= 10  # this run's own healthy state, not step 55 of the first
     assert all(torch.isfinite(p).all() for p in second.parameters())
+
+
+class FusedNet(DigitsMLP):
+    """No buffers, one AdamW with weight decay (fused or not): NaN batches at ``nan_steps``."""
+
+    def __init__(self, nan_steps=(), fused=True, optimizer_cls=torch.optim.AdamW):
+        super().__init__()
+        self.nan_steps, self.fused, self.optimizer_cls = set(nan_steps), fused, optimizer_cls
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step in self.nan_steps:
+            x = torch.full_like(x, math.nan)
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer_cls is torch.optim.SGD:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, fused=self.fused)
+        return self.optimizer_cls(self.parameters(), lr=1e-2, weight_decay=0.1, fused=self.fused)
+
+
+def test_skip_step_with_a_fused_adam_decides_on_device(tmp_path, loaders):
+    """One fused AdamW, no buffers: the optimizer gets GradScaler's ``found_inf`` flag and its kernel leaves
+    weights, moments and step count as they were (bit for bit); the skip is logged at the next read."""
+    nan, seen = 5, {}
+
+    class Capture(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == nan:
+                seen["before"] = state_of(pl_module, trainer.optimizers[0])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == nan + 1:
+                seen["after"] = state_of(pl_module, trainer.optimizers[0])
+                seen["armed"] = "found_inf" in vars(trainer.optimizers[0])
+
+    mon = gradwatch.HealthMonitor(every_n_steps=4)
+    model = FusedNet(nan_steps={nan})
+    trainer(tmp_path, [mon, Capture()], max_steps=10, logger=False).fit(model, loaders[0])
+    assert mon.monitor.skip.on_device(mon.monitor.context.optimizers(), 1, 1024)
+    assert_same(seen["before"]["model"], seen["after"]["model"])
+    assert_same(seen["before"]["optimizer"]["state"], seen["after"]["optimizer"]["state"])  # moments, step
+    assert not seen["armed"]  # the flag was for that one step
+    (skip,) = [a for a in mon.actions if a.remedy == "skip_step"]
+    assert (skip.step, skip.rule, skip.detail["optimizer_step"]) == (nan, "nonfinite", "skipped")
+    assert [f.step for f in mon.findings if f.rule == "nonfinite"] == [nan]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_device_skips_escalate_to_rollback_like_the_per_step_path(tmp_path, loaders, fused):
+    """Three skipped steps in a row escalate to a rollback: decided on device and tallied at the read
+    (fused), or read and decided per step (not fused), with the same actions."""
+    mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "rollback"])
+    model = FusedNet(nan_steps={15, 16, 17}, fused=fused)
+    trainer(tmp_path, [mon], max_steps=22, logger=False).fit(model, loaders[0])
+    acts = [(a.remedy, a.step) for a in mon.actions]
+    assert acts[:4] == [("skip_step", 15), ("skip_step", 16), ("skip_step", 17), ("rollback", 17)], acts
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_checkpoint_between_device_skips_and_the_read_defers_the_escalation(tmp_path, loaders):
+    """A checkpoint written after three device-decided skips and before the read: the checkpoint holds the
+    skips and the escalation still to come (no rollback inside ``state_dict``); the read then rolls back."""
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=18, save_top_k=-1)
+    mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "rollback"])
+    model = FusedNet(nan_steps={15, 16, 17})
+    trainer(tmp_path, [mon, ckpt], max_steps=22, logger=False, enable_checkpointing=True).fit(
+        model, loaders[0]
+    )
+    (path,) = (tmp_path / "ckpt").glob("*step=18*.ckpt")
+    saved = next(
+        v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "HealthMonitor" in k
+    )
+    assert saved["escalation"] == [17, 0]
+    assert [a["remedy"] for a in saved["actions"]] == ["skip_step"] * 3
+    acts = [(a.remedy, a.step) for a in mon.actions]
+    assert acts[:4] == [("skip_step", 15), ("skip_step", 16), ("skip_step", 17), ("rollback", 17)], acts
+
+
+@pytest.mark.parametrize("case", ["fused_sgd", "adam_not_fused", "batchnorm", "small_budget", "cooldown"])
+def test_the_skip_is_read_per_step_where_the_device_flag_would_be_wrong(case):
+    """Fused SGD (uninitialised momentum on a skipped first step), an unfused group, buffers to put back,
+    a budget or cooldown that must hold between reads: the per-step path."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) if case == "batchnorm" else nn.Linear(4, 4)
+    opt = {
+        "fused_sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True),
+        "adam_not_fused": lambda: torch.optim.Adam(model.parameters()),
+    }.get(case, lambda: torch.optim.AdamW(model.parameters(), fused=True))()
+    skip = SkipStep(
+        budget=10 if case == "small_budget" else 1_000_000, cooldown_steps=5 if case == "cooldown" else 0
+    )
+    skip.bind(model)
+    assert not skip.on_device([opt], 1, 1024)
+    ok = SkipStep()
+    ok.bind(nn.Linear(4, 4))
+    assert ok.on_device([torch.optim.AdamW(nn.Linear(4, 4).parameters(), fused=True)], 1, 1024)
+    assert not ok.on_device([torch.optim.AdamW(nn.Linear(4, 4).parameters(), fused=True)], 2, 1024)  # DDP

@@ -20,6 +20,8 @@ import gradwatch
 from gradwatch.stats import Transfer
 from gradwatch.testing import SyncCounter
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu.sh)")
+
 
 class CountedMonitor(gradwatch.HealthMonitor):
     """The real callback, with each per-step hook run under a sync counter.
@@ -84,6 +86,27 @@ def test_remedies_auto_adds_exactly_the_skip_decision(tmp_path, loaders):
     assert any(a.remedy == "clip_gradients" for a in mon.actions) or mon.monitor.clip.n == 20
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_fused_adam_skip_decision_needs_no_read(tmp_path, loaders, device):
+    """One fused AdamW and no buffers: skip_step's flag stays on the device (the optimizer's found_inf), so
+    skip_step alone reads nothing. With every remedy on, clipping reads its one host float on the CPU
+    (where that waits for nothing) and stays on the device on CUDA: there, nothing but the reads' copies."""
+
+    class Fused(DigitsMLP):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    only_skip = CountedMonitor(every_n_steps=5, remedies=["skip_step"])
+    trainer(tmp_path, [only_skip], max_steps=20, accelerator=accelerator).fit(Fused(), loaders[0])
+    copies = {s: 1 if device == "cuda" and s % 5 == 0 else 0 for s in range(20)}
+    assert only_skip.syncs == copies
+    auto = CountedMonitor(every_n_steps=5)
+    trainer(tmp_path, [auto], max_steps=20, accelerator=accelerator).fit(Fused(), loaders[0])
+    assert auto.syncs == (copies if device == "cuda" else {s: 1 for s in range(20)})
+    assert auto.monitor.clip.n == 20  # clipping saw every step
+
+
 def test_counter_sees_item_and_bool():
     import torch
 
@@ -113,7 +136,6 @@ SYNC_CONFIGS = {
     "default": dict(remedies="off"),
     "everything_on": dict(remedies="off", every_n_steps=5, per_layer=True),
 }
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu.sh)")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

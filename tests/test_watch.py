@@ -289,3 +289,33 @@ def test_grad_scaler_skips_the_inf_step_and_gradwatch_counts_it():
     assert watch.monitor.setup["scaler"] == "GradScaler"
     assert scaler.get_scale() == 2.0**15  # backed off once
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_plain_loop_with_a_fused_adam_skips_on_the_device_flag(tmp_path):
+    """watch.step arms the fused optimizer's found_inf before its step and disarms it after: the NaN step
+    leaves weights and Adam state bit-identical, and the skip is logged at the next read."""
+
+    class FusedMLP(FaultyMLP):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+
+    model = FusedMLP(nan_at_step=5)
+    opt = model.configure_optimizers()
+    watch = gradwatch.Watch(model, opt, log_dir=tmp_path, every_n_steps=4, print_summary=False)
+    for step, batch in zip(range(10), digits_loaders()[0], strict=False):
+        opt.zero_grad()
+        loss = model.loss_at(batch, step)
+        loss.backward()
+        if step == 5:
+            before = [p.detach().clone() for p in model.parameters()]
+            state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+        watch.step(loss)
+        if step == 5:
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+            after = opt.state[next(model.parameters())]
+            assert all(torch.equal(state[k], after[k]) for k in state)
+            assert "found_inf" not in vars(opt)
+    assert watch.monitor.skip.on_device(watch.monitor.context.optimizers(), 1, 1024)  # the device path
+    watch.close()
+    assert [(a.remedy, a.step) for a in watch.actions if a.remedy == "skip_step"] == [("skip_step", 5)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -15,8 +15,9 @@ from gradwatch.remedies.base import Remedy
 class SkipStep(Remedy):
     """Skip the optimizer step entirely when any gradient is non-finite.
 
-    Decided every step, before the optimizer steps: this is the one host sync gradwatch adds per step
-    when it is on (the decision cannot wait), reduced across ranks so that every rank skips together.
+    Decided every step, before the optimizer steps: in general this is the one host sync gradwatch adds
+    per step when it is on (the decision cannot wait; but see "without a host sync" below), reduced
+    across ranks so that every rank skips together.
     The gradients of the optimizer's parameters are set to ``None``; PyTorch's optimizers skip
     parameters without a gradient, so no weight, moment, step count or weight decay changes, and nothing
     leaks into the next accumulation window. ``optimizer.step()`` itself is still called, so LR
@@ -26,6 +27,14 @@ class SkipStep(Remedy):
     A NaN batch also poisons BatchNorm's running statistics in its forward pass, before any gradient
     exists; so at the start of each step the model's buffers are copied on device
     (``torch._foreach_copy_``, no host sync; buffers are small) and put back when the step is skipped.
+
+    **Without a host sync** (:meth:`on_device`): in a single process, with one optimizer that is
+    torch's Adam or AdamW with ``fused=True`` in every param group, a model without buffers, no
+    cooldown and budget to spare, the decision stays on the device. The optimizer gets GradScaler's
+    ``found_inf`` flag ("the total squared norm is not finite") and its fused kernel leaves weights,
+    moments, step counts and weight decay untouched on such a step, as above. The skip is counted,
+    logged and, after ``max_consecutive`` in a row, escalated at the next read (at most one schedule
+    period later; the steps in between are skipped too, so nothing is poisoned meanwhile).
 
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
     monitor escalates to ``rollback`` when it is enabled.
@@ -46,6 +55,45 @@ class SkipStep(Remedy):
         self._buffers = list(model.buffers())
         self._saved = [b.detach().clone() for b in self._buffers]
 
+    def on_device(self, optimizers: list[torch.optim.Optimizer], world_size: int, horizon: int) -> bool:
+        """Whether this step's skip can be decided without a host read: see the class docstring.
+
+        Only torch's own Adam and AdamW (not subclasses) with every group fused: their kernels take
+        ``found_inf`` and undo the step count on it. (Fused SGD takes it too, but on a skipped first step
+        leaves its momentum buffers uninitialised.) Not under ``torch.distributed``: ranks decide together
+        on the host. Not with buffers, which a skipped step must put back. Not while a cooldown or a
+        budget short of ``horizon`` (the most steps a read can lag) would make a skip wait or be refused.
+        """
+        if world_size != 1 or len(optimizers) != 1 or self._buffers:
+            return False
+        opt = optimizers[0]
+        return (
+            type(opt) in (torch.optim.Adam, torch.optim.AdamW)
+            and all(group.get("fused") for group in opt.param_groups)
+            and self.cooldown_steps == 0
+            and self.budget - self.used >= horizon
+        )
+
+    @staticmethod
+    def arm(optimizer: torch.optim.Optimizer, sq: torch.Tensor) -> None:
+        """Hand the fused optimizer the device flag for this step: 1.0 (skip) when the total squared norm
+        ``sq`` is not finite, as ``GradScaler.step`` hands it ``found_inf``."""
+        optimizer.grad_scale = None
+        optimizer.found_inf = torch.isfinite(sq).logical_not().float()
+
+    @staticmethod
+    def disarm(optimizer: torch.optim.Optimizer) -> None:
+        """After the optimizer stepped: the flag is for that one step only."""
+        for attr in ("grad_scale", "found_inf"):
+            if attr in vars(optimizer):
+                delattr(optimizer, attr)
+
+    def tally(self, step: int, skipped: bool) -> None:
+        """Count a decided step towards ``max_consecutive`` (once per step, whatever the optimizers)."""
+        if self._counted_step != step:
+            self._counted_step = step
+            self.consecutive = self.consecutive + 1 if skipped else 0
+
     def save_buffers(self) -> None:
         """At the start of a step: keep the buffers (BatchNorm running statistics) as they are."""
         if self._buffers:
@@ -64,9 +112,7 @@ class SkipStep(Remedy):
         but the step counts once towards ``max_consecutive``.
         """
         skip = reduce_any(not math.isfinite(sq))
-        if self._counted_step != step:
-            self._counted_step = step
-            self.consecutive = self.consecutive + 1 if skip else 0
+        self.tally(step, skip)
         if not skip:
             return False, math.sqrt(sq), 0
         bad = int((~torch.isfinite(norms)).sum())  # sync: only on a skipped step, for its report
