@@ -214,8 +214,6 @@ class Monitor:
         self._warned_manual: set[str] = set()
         self._resumed = False
         self._deferred: list[Finding] = []
-        #: a device-decided skip that reached max_consecutive while a checkpoint was written: (step, epoch)
-        self._escalation: tuple[int, int] | None = None
 
     def _remedy(self, cls: type) -> Any:
         return next((r for r in self.remedies if isinstance(r, cls)), None)
@@ -238,7 +236,6 @@ class Monitor:
         if not self._resumed:  # a new run: nothing of an earlier fit's state may be restored into it
             self.snapshots.ring.clear()
             self.best = BestWeights()
-            self._escalation = None
             for remedy in self.remedies:
                 remedy.new_run()
             for detector in self.detectors:  # baselines of another run would misjudge this one
@@ -557,9 +554,10 @@ class Monitor:
 
     def _tally_device_skips(self, rows: list[_PendingRow], stats: Stats, escalate: bool) -> None:
         """Steps whose skip was decided on device (a fused optimizer's ``found_inf``): now that their norms
-        are on the host, count them and log each skip. Escalate as the per-step path would have, once per
-        read (at the first step that reached ``max_consecutive``); not while a checkpoint is being written
-        (``escalate=False``): then at the next read."""
+        are on the host, count them, log each skip, and escalate at each skipped step that reaches
+        ``max_consecutive``, as the per-step path does at that step (a rollback in its cooldown lets the
+        skipping go on; a rollback resets the count). Not while a checkpoint is being written
+        (``escalate=False``): the count is kept, and a skip at the next read escalates."""
         for r, rec in zip(rows, stats.steps, strict=True):
             if not r.device_skip:
                 continue
@@ -570,11 +568,8 @@ class Monitor:
                 self._step_actions.append(
                     self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite)
                 )
-                if self.skip.consecutive >= self.skip.max_consecutive and self._escalation is None:
-                    self._escalation = (r.step, r.epoch)
-        if escalate and self._escalation is not None:
-            (step, epoch), self._escalation = self._escalation, None
-            self._escalate(step, epoch)
+                if escalate and self.skip.consecutive >= self.skip.max_consecutive:
+                    self._escalate(r.step, r.epoch)
 
     def _escalate(self, step: int, epoch: int) -> None:
         """Skipping is not enough: roll back if possible, else (the ladder spent) stop and say why."""
@@ -911,7 +906,6 @@ class Monitor:
             "best_val_loss": self.best.loss,
             "best_step": self.best.step,
             "deferred": [f.to_dict() for f in self._deferred],
-            "escalation": list(self._escalation) if self._escalation is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -938,6 +932,4 @@ class Monitor:
         self.best.loss = float(state.get("best_val_loss", math.inf))
         self.best.step = int(state.get("best_step", -1))
         self._deferred = [Finding.from_dict(f) for f in state.get("deferred", [])]
-        escalation = state.get("escalation")
-        self._escalation = (int(escalation[0]), int(escalation[1])) if escalation else None
         self._resumed = True

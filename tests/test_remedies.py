@@ -9,13 +9,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from models import DigitsMLP, trainer
+from models import DigitsMLP, digits_loaders, trainer
 from torch import nn
 
 import gradwatch
 from gradwatch.detectors import DeadUnits, Detector, NonFinite
 from gradwatch.findings import Finding
-from gradwatch.remedies import Context, EarlyStop, ReduceLR, Reinitialize, Rollback, SkipStep
+from gradwatch.remedies import ClipGradients, Context, EarlyStop, ReduceLR, Reinitialize, Rollback, SkipStep
 
 
 class FireAt(Detector):
@@ -440,24 +440,30 @@ def test_skip_step_with_a_fused_adam_decides_on_device(tmp_path, loaders):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_device_skips_escalate_to_rollback_like_the_per_step_path(tmp_path, loaders, fused):
-    """Three skipped steps in a row escalate to a rollback: decided on device and tallied at the read
-    (fused), or read and decided per step (not fused), with the same actions."""
-    mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "rollback"])
-    model = FusedNet(nan_steps={15, 16, 17}, fused=fused)
-    trainer(tmp_path, [mon], max_steps=22, logger=False).fit(model, loaders[0])
-    acts = [(a.remedy, a.step) for a in mon.actions]
-    assert acts[:4] == [("skip_step", 15), ("skip_step", 16), ("skip_step", 17), ("rollback", 17)], acts
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+@pytest.mark.parametrize("nans", [(15, 18), (15, 40)], ids=["three", "persisting"])
+def test_device_skips_escalate_like_the_per_step_path(tmp_path, loaders, nans):
+    """Skipped steps escalate to rollbacks at the same steps whether decided on device and tallied at the
+    read (fused) or read and decided per step (not fused): three in a row, and NaNs that persist through
+    the rollback's cooldown (a rollback at every third skip once it is ready again)."""
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "rollback"])
+        model = FusedNet(nan_steps=set(range(*nans)), fused=fused)
+        trainer(tmp_path, [mon], max_steps=nans[1] + 5, max_epochs=-1, logger=False).fit(model, loaders[0])
+        runs[fused] = ([(a.remedy, a.step) for a in mon.actions], mon.monitor.lr.multiplier)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert runs[True] == runs[False]  # the same actions at the same steps, the same learning-rate cuts
+    rollbacks = [s for r, s in runs[True][0] if r == "rollback"]
+    assert rollbacks == ([17] if nans == (15, 18) else [17, 27, 37]), runs[True][0]
 
 
-def test_a_checkpoint_between_device_skips_and_the_read_defers_the_escalation(tmp_path, loaders):
-    """A checkpoint written after three device-decided skips and before the read: the checkpoint holds the
-    skips and the escalation still to come (no rollback inside ``state_dict``); the read then rolls back."""
+def test_a_checkpoint_between_device_skips_and_the_read_escalates_at_the_next_skip(tmp_path, loaders):
+    """A checkpoint written after three device-decided skips and before the read holds the skips, and no
+    rollback happens inside ``state_dict``; the next skipped step, tallied at the read, escalates."""
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=18, save_top_k=-1)
     mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "rollback"])
-    model = FusedNet(nan_steps={15, 16, 17})
+    model = FusedNet(nan_steps=set(range(15, 20)))
     trainer(tmp_path, [mon, ckpt], max_steps=22, logger=False, enable_checkpointing=True).fit(
         model, loaders[0]
     )
@@ -465,10 +471,9 @@ def test_a_checkpoint_between_device_skips_and_the_read_defers_the_escalation(tm
     saved = next(
         v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "HealthMonitor" in k
     )
-    assert saved["escalation"] == [17, 0]
-    assert [a["remedy"] for a in saved["actions"]] == ["skip_step"] * 3
+    assert [(a["remedy"], a["step"]) for a in saved["actions"]] == [("skip_step", s) for s in (15, 16, 17)]
     acts = [(a.remedy, a.step) for a in mon.actions]
-    assert acts[:4] == [("skip_step", 15), ("skip_step", 16), ("skip_step", 17), ("rollback", 17)], acts
+    assert acts == [*(("skip_step", s) for s in (15, 16, 17, 18)), ("rollback", 18), ("skip_step", 19)], acts
 
 
 @pytest.mark.parametrize("case", ["fused_sgd", "adam_not_fused", "batchnorm", "small_budget", "cooldown"])
@@ -489,3 +494,38 @@ def test_the_skip_is_read_per_step_where_the_device_flag_would_be_wrong(case):
     ok.bind(nn.Linear(4, 4))
     assert ok.on_device([torch.optim.AdamW(nn.Linear(4, 4).parameters(), fused=True)], 1, 1024)
     assert not ok.on_device([torch.optim.AdamW(nn.Linear(4, 4).parameters(), fused=True)], 2, 1024)  # DDP
+
+
+def test_clipping_arithmetic_on_device_matches_the_host_and_ignores_non_finite_steps():
+    """The accelerator arithmetic (run here on CPU tensors) and the host arithmetic clip the same steps by
+    the same factors; a non-finite step, first or later, neither starts nor moves the running norm."""
+    torch.manual_seed(0)
+    norms = [math.nan, *(1.0 + 0.1 * torch.rand(40)).tolist(), 9.0, math.inf, 1.05, 12.0]
+    host, device = ClipGradients(warmup_steps=10), ClipGradients(warmup_steps=10)
+    for x in norms:
+        g_host, g_dev = [torch.full((3,), x)], [torch.full((3,), x)]
+        c_host = host.clip_host(g_host, x * x)
+        c_dev = float(device.clip_on_device(g_dev, torch.tensor(x * x)))
+        assert c_dev == pytest.approx(c_host, rel=1e-5), x
+        if math.isfinite(x):
+            assert torch.allclose(g_dev[0], g_host[0], rtol=1e-5)
+    assert float(device._mean) == pytest.approx(host._mean, rel=1e-5) and 0.9 < host._mean < 1.3
+    assert host.n == len(norms) - 2  # the NaN and the Inf were not counted
+
+
+def test_a_skipped_first_step_leaves_clipping_as_the_per_step_path_does(tmp_path, loaders):
+    """A NaN first step, skipped on the device flag (fused) or per step (not fused): clipping starts from
+    the first finite step either way."""
+    clips = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "clip_gradients"])
+        trainer(tmp_path, [mon], max_steps=30, max_epochs=-1, logger=False).fit(
+            FusedNet(nan_steps={0}, fused=fused),
+            digits_loaders()[0],  # the same batches for both
+        )
+        clips[fused] = mon.monitor.clip
+    assert clips[True].n == clips[False].n == 29
+    assert clips[True]._mean == pytest.approx(
+        clips[False]._mean, rel=0.1
+    )  # fused and unfused AdamW differ a little

@@ -52,14 +52,20 @@ class ClipGradients(Remedy):
         """
         if sq_total.device.type == "cpu":
             return torch.tensor(self.clip_host(grads, float(sq_total)))  # sync: none on the CPU
+        return self.clip_on_device(grads, sq_total)
+
+    def clip_on_device(self, grads: list[torch.Tensor], sq_total: torch.Tensor) -> torch.Tensor:
+        """:meth:`clip`'s accelerator arithmetic: device ops only, no host read (runs on any device)."""
         norm = sq_total.detach().float().sqrt()
         finite = torch.isfinite(norm)
         if self._mean is None or self._var is None:
-            self._mean = torch.where(finite, norm, torch.zeros_like(norm))
+            # NaN until a finite norm is seen: a non-finite first step (skipped) must not start the mean at 0
+            self._mean = torch.where(finite, norm, torch.full_like(norm, math.nan))
             self._var = torch.zeros_like(norm)
             self.n = 1
             return torch.ones_like(norm)
         a = self.alpha
+        started = torch.isfinite(self._mean)  # a threshold from a NaN mean compares False: no clipping
         if self.n >= self.warmup_steps:
             threshold = self._mean + self.z * self._var.sqrt()
             coef = torch.where(finite & (norm > threshold), threshold / (norm + 1e-12), torch.ones_like(norm))
@@ -68,8 +74,10 @@ class ClipGradients(Remedy):
         else:
             coef, seen = torch.ones_like(norm), norm
         d = seen - self._mean
-        self._mean = torch.where(finite, self._mean + (1 - a) * d, self._mean)
-        self._var = torch.where(finite, a * (self._var + (1 - a) * d * d), self._var)
+        mean = torch.where(started, self._mean + (1 - a) * d, norm)
+        var = torch.where(started, a * (self._var + (1 - a) * d * d), torch.zeros_like(norm))
+        self._mean = torch.where(finite, mean, self._mean)
+        self._var = torch.where(finite, var, self._var)
         self.n += 1
         return coef
 
@@ -79,8 +87,9 @@ class ClipGradients(Remedy):
         finite = math.isfinite(norm)
         mean = float(self._mean) if self._mean is not None else None  # sync: none on the CPU
         var = float(self._var) if self._var is not None else 0.0  # sync: none on the CPU
-        if mean is None:
-            self._mean, self._var, self.n = (norm if finite else 0.0), 0.0, 1
+        if mean is None or not math.isfinite(mean):  # nothing finite seen yet
+            if finite:  # a non-finite step (skipped, or to be) neither starts nor counts
+                self._mean, self._var, self.n = norm, 0.0, 1
             return 1.0
         coef, seen = 1.0, norm
         if self.n >= self.warmup_steps:
@@ -92,7 +101,7 @@ class ClipGradients(Remedy):
         if finite:
             d = seen - mean
             mean, var = mean + (1 - self.alpha) * d, self.alpha * (var + (1 - self.alpha) * d * d)
-        self._mean, self._var, self.n = mean, var, self.n + 1
+            self._mean, self._var, self.n = mean, var, self.n + 1
         return coef
 
     def clipped(self, steps: list[tuple[int, int, float, float]]) -> Action | None:
