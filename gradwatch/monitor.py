@@ -262,6 +262,8 @@ class Monitor:
         if self._row is not None and self._row.get("device_skip") and self.context is not None:
             for opt in self.context.optimizers():  # a step that raised must not leave its flag armed
                 SkipStep.disarm(opt)
+        if self.skip is not None:
+            self.skip.remove_hooks()
         if self._acts is not None:
             self._acts.remove()
         if self._weights is not None:

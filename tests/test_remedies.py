@@ -529,3 +529,38 @@ def test_a_skipped_first_step_leaves_clipping_as_the_per_step_path_does(tmp_path
     assert clips[True]._mean == pytest.approx(
         clips[False]._mean, rel=0.1
     )  # fused and unfused AdamW differ a little
+
+
+def test_the_device_flag_is_gone_right_after_the_step_it_was_for(tmp_path, loaders):
+    """Manual optimization: a NaN step through Lightning's optimizer (skipped on the flag), then a finite
+    step of the raw optimizer in the same batch, which no hook sees: that one must update the weights."""
+    seen = {}
+
+    class TwoSteps(FusedNet):
+        def __init__(self):
+            super().__init__(nan_steps={3})
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = batch
+            bad = batch_idx == 3
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(torch.full_like(x, math.nan) if bad else x), y))
+            opt.step()  # through Lightning: gradwatch's hook arms the flag
+            if bad:
+                raw = opt.optimizer
+                seen["armed_after_step"] = "found_inf" in vars(raw)
+                before = [p.detach().clone() for p in self.parameters()]
+                raw.zero_grad()
+                self.manual_backward(F.cross_entropy(self(x), y))
+                raw.step()  # no hook runs: the earlier flag must not skip it
+                seen["updated"] = not all(
+                    torch.equal(a, p) for a, p in zip(before, self.parameters(), strict=True)
+                )
+
+    mon = gradwatch.HealthMonitor(every_n_steps=4, remedies=["skip_step"])
+    trainer(tmp_path, [mon], max_steps=6, logger=False).fit(TwoSteps(), loaders[0])
+    assert seen == {"armed_after_step": False, "updated": True}
+    assert [(a.remedy, a.step) for a in mon.actions] == [("skip_step", 3)]
+    assert not mon.monitor.skip._post_hooks  # removed when the fit ended

@@ -177,13 +177,12 @@ class NonFinite(Detector):
             if rec.lr is not None:
                 evidence["lr"] = rec.lr
             if grads_bad:
-                what = (
-                    f"the loss is {rec.loss:g} and "
-                    if loss_bad
-                    else f"the loss is finite ({rec.loss:.4g}) but "
-                )
-                if rec.loss is None:
+                if rec.loss is None:  # not recorded (manual optimization returning nothing)
                     what = ""
+                elif loss_bad:
+                    what = f"the loss is {rec.loss:g} and "
+                else:
+                    what = f"the loss is finite ({rec.loss:.4g}) but "
                 message = (
                     f"{what}{rec.grad_nonfinite} parameter(s) have non-finite gradients "
                     f"(total grad norm {rec.grad_norm:g}); first: {rec.first_nonfinite}"

@@ -50,6 +50,7 @@ class SkipStep(Remedy):
         self._buffers: list[torch.Tensor] | None = None
         self._counted_step: int | None = None
         self._saved: list[torch.Tensor] = []
+        self._post_hooks: dict[int, Any] = {}  # id(optimizer) -> handle of the hook that disarms it
 
     def bind(self, model: torch.nn.Module) -> None:
         self._buffers = list(model.buffers())
@@ -74,12 +75,22 @@ class SkipStep(Remedy):
             and self.budget - self.used >= horizon
         )
 
-    @staticmethod
-    def arm(optimizer: torch.optim.Optimizer, sq: torch.Tensor) -> None:
+    def arm(self, optimizer: torch.optim.Optimizer, sq: torch.Tensor) -> None:
         """Hand the fused optimizer the device flag for this step: 1.0 (skip) when the total squared norm
-        ``sq`` is not finite, as ``GradScaler.step`` hands it ``found_inf``."""
+        ``sq`` is not finite, as ``GradScaler.step`` hands it ``found_inf``. A step post-hook takes the
+        flag away as soon as that step has run, so no later ``step()`` can use it."""
         optimizer.grad_scale = None
         optimizer.found_inf = torch.isfinite(sq).logical_not().float()
+        if id(optimizer) not in self._post_hooks:
+            self._post_hooks[id(optimizer)] = optimizer.register_step_post_hook(
+                lambda opt, args, kwargs: SkipStep.disarm(opt)
+            )
+
+    def remove_hooks(self) -> None:
+        """At the end of a run: the optimizers' disarming hooks go (the flag, if any, with them)."""
+        for handle in self._post_hooks.values():
+            handle.remove()
+        self._post_hooks = {}
 
     @staticmethod
     def disarm(optimizer: torch.optim.Optimizer) -> None:
