@@ -426,11 +426,15 @@ class Monitor:
             self.flush()  # on every rank alike (the value is the same on every rank: the adapter reduces it)
 
     # ------------------------------------------------------------------ read, judge, act, write
-    def flush(self, *, across_ranks: bool = True, respond: bool = True) -> list[Finding]:
+    def flush(
+        self, *, across_ranks: bool = True, respond: bool = True, escalate: bool = True
+    ) -> list[Finding]:
         """Read everything pending in one transfer, run the detectors and remedies, write to the sinks.
 
         Under ``torch.distributed`` the transfer is all-reduced once (``across_ranks``; a failing rank
-        reads alone so that it cannot wait forever on the others).
+        reads alone so that it cannot wait forever on the others). ``respond=False`` (a checkpoint is being
+        written) defers the remedies to the next read; ``escalate=False`` (the end of the run) logs skips
+        decided on device without escalating them.
         """
         if not self._rows:
             return []
@@ -472,8 +476,10 @@ class Monitor:
         new: list[Finding] = []
         for detector in self.detectors:
             new.extend(detector.check(stats.step, stats))
-        if self.skip is not None:
-            self._tally_device_skips(rows, stats, escalate=respond)
+        self._publish(new)  # before an escalation's own finding, which comes from a step after them
+        restored = self.skip is not None and self._tally_device_skips(
+            rows, stats, escalate=respond and escalate
+        )
         step_actions, self._step_actions = self._step_actions, []
         clipped = []
         if "clips" in host and self.clip is not None:
@@ -484,7 +490,6 @@ class Monitor:
             ]
         notable = {x.step for x in [*new, *step_actions]} | {c[0] for c in clipped}
         self._write_scalars(stats, notable)
-        self._publish(new)
         for action in step_actions:
             self.record_action(action)
         if clipped:
@@ -493,7 +498,7 @@ class Monitor:
                 self.record_action(action)
         if respond:
             deferred, self._deferred = self._deferred, []
-            self._respond(deferred + new)
+            self._respond(deferred + new, restored=restored)
             self._maybe_snapshot(last.step, new)
         else:
             self._deferred.extend(new)
@@ -554,39 +559,51 @@ class Monitor:
             else:
                 self._row["clip"] = self.clip.clip(grads, torch.dot(norms, norms))
 
-    def _tally_device_skips(self, rows: list[_PendingRow], stats: Stats, escalate: bool) -> None:
+    def _tally_device_skips(self, rows: list[_PendingRow], stats: Stats, escalate: bool) -> bool:
         """Steps whose skip was decided on device (a fused optimizer's ``found_inf``): now that their norms
         are on the host, count them, log each skip, and escalate at each skipped step that reaches
         ``max_consecutive``, as the per-step path does at that step (a rollback in its cooldown lets the
         skipping go on; a rollback resets the count). Not while a checkpoint is being written
         (``escalate=False``): the count is kept, and a skip at the next read escalates."""
+        restored = False
         for r, rec in zip(rows, stats.steps, strict=True):
             if not r.device_skip:
                 continue
             # the flag was "the total squared norm is not finite": the same test as the read's row
             skipped = rec.grad_nonfinite > 0 or not math.isfinite(rec.grad_norm)
+            if restored:
+                # computed with the weights the rollback just replaced: they say nothing about the
+                # restored state, so they neither count nor escalate (the skips themselves happened)
+                if skipped:
+                    self._step_actions.append(
+                        self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite)
+                    )
+                continue
             self.skip.tally(r.step, skipped)
             if skipped:
                 self._step_actions.append(
                     self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite)
                 )
                 if escalate and self.skip.consecutive >= self.skip.max_consecutive:
-                    self._escalate(r.step, r.epoch)
+                    restored = self._escalate(r.step, r.epoch)
+        return restored
 
-    def _escalate(self, step: int, epoch: int) -> None:
-        """Skipping is not enough: roll back if possible, else (the ladder spent) stop and say why."""
+    def _escalate(self, step: int, epoch: int) -> bool:
+        """Skipping is not enough: roll back if possible, else (the ladder spent) stop and say why.
+        Returns whether a snapshot was restored."""
         skipped = self.skip.consecutive
         finding = Rollback.escalation(step, epoch, skipped)
         if self.rollback is not None and not self.rollback.spent:
             if not self.rollback.ready(step):
-                return  # in its cooldown: keep skipping meanwhile
+                return False  # in its cooldown: keep skipping meanwhile
             action = self.rollback.restore(finding, self)
             if action is not None:
                 self._publish([finding])
                 self._step_actions.append(action)
                 self.skip.consecutive = 0
-                return
+                return True
         self._give_up(finding, self._step_actions.append)
+        return False
 
     def _give_up(self, finding: Finding, record: Any) -> None:
         """The ladder for ``finding`` is spent: early_stop stops with a critical finding saying what was tried."""
@@ -598,13 +615,18 @@ class Monitor:
             self._publish([out[0]])
             record(out[1])
 
-    def _respond(self, findings: list[Finding]) -> None:
-        """Let the remedies answer new warning/critical findings, in ladder order; one action per finding."""
+    def _respond(self, findings: list[Finding], restored: bool = False) -> None:
+        """Let the remedies answer new warning/critical findings, in ladder order; one action per finding.
+
+        ``restored``: skips decided on device escalated to a rollback in this read, after its statistics
+        were measured: the non-finite values they show (weights included) are in the discarded state.
+        """
         if self.context is None:
             return
-        rolled_back = False
+        rolled_back = restored
         for finding in findings:
-            if finding.severity == "info" or (rolled_back and finding.rule in ROLLED_BACK_PAST):
+            moot = ROLLED_BACK_PAST + ("nonfinite",) if restored else ROLLED_BACK_PAST
+            if finding.severity == "info" or (rolled_back and finding.rule in moot):
                 continue  # a rollback in this read already went back past what these findings saw
             order = LADDER.get(finding.rule, ())
             answering = sorted(
@@ -854,7 +876,9 @@ class Monitor:
     def finish(self, status: str = "finished") -> dict[str, Any]:
         """Flush what is pending, write the summary, remove hooks. Returns the summary dict."""
         try:
-            self.flush(across_ranks=status == "finished")
+            # skips decided on device are logged, not escalated: the run is over, and its weights were
+            # never touched by them, so rolling back now would only throw training away
+            self.flush(across_ranks=status == "finished", escalate=False)
             if self._tail_row is not None:  # the run's last step closes the TensorBoard curves
                 self._emit_scalars(self._tail_row.step, self._row_values(self._tail_row))
                 self._tail_row = None

@@ -319,3 +319,58 @@ def test_plain_loop_with_a_fused_adam_skips_on_the_device_flag(tmp_path):
     watch.close()
     assert [(a.remedy, a.step) for a in watch.actions if a.remedy == "skip_step"] == [("skip_step", 5)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_grad_scaler_after_device_skips_keeps_its_own_flag():
+    """The disarming post-hook stays on the optimizer for the run; a GradScaler that arms the same fused
+    optimizer with its own found_inf later (given to ``watch.step``) must find its flag where it put it."""
+    model = DigitsMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    watch = gradwatch.Watch(model, opt, every_n_steps=4, remedies=["skip_step"], print_summary=False)
+    scaler = torch.amp.GradScaler("cpu")
+    for step, (x, y) in zip(range(6), digits_loaders()[0], strict=False):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if step < 3:  # no scaler: skip_step's own flag, disarmed after each step
+            loss.backward()
+            watch.step(loss)
+        else:  # the scaler's flag, for the scaler to remove
+            scaler.scale(loss).backward()
+            watch.step(loss, scaler=scaler)
+        assert "found_inf" not in vars(opt) and "grad_scale" not in vars(opt)
+    watch.close()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skips_before_a_rollback_in_the_same_read_do_not_escalate_again():
+    """Corrupted weights (a value whose square overflows) give NaN gradients until one rollback restores
+    them. Decided on device, the later skipped steps of the same read were computed with the replaced
+    weights: they must not escalate a second time (one rollback, one LR cut, as on the per-step path)."""
+    outcome = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        watch = gradwatch.Watch(
+            model,
+            opt,
+            remedies=["skip_step", "rollback"],
+            every_n_steps=20,
+            snapshot_every=5,
+            print_summary=False,
+            tensorboard=False,
+            activations=False,
+        )
+        x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+        for step in range(45):
+            if step == 21:
+                with torch.no_grad():
+                    model[0].weight[0, 0] = 3e38
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            watch.step(loss)
+        watch.close()
+        outcome[fused] = (sum(a.remedy == "rollback" for a in watch.actions), watch.monitor.lr.multiplier)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert outcome[True] == outcome[False] == (1, 0.5), outcome

@@ -42,6 +42,7 @@ class ClipGradients(Remedy):
         self.n = 0
         self._mean: torch.Tensor | float | None = None  # floats on the CPU, device tensors elsewhere
         self._var: torch.Tensor | float | None = None
+        self._count: torch.Tensor | None = None  # finite steps seen, on device (the accelerator arithmetic)
 
     def clip(self, grads: list[torch.Tensor], sq_total: torch.Tensor) -> torch.Tensor:
         """Scale ``grads`` in place; returns the coefficient applied (1 when not clipped), on device.
@@ -55,30 +56,42 @@ class ClipGradients(Remedy):
         return self.clip_on_device(grads, sq_total)
 
     def clip_on_device(self, grads: list[torch.Tensor], sq_total: torch.Tensor) -> torch.Tensor:
-        """:meth:`clip`'s accelerator arithmetic: device ops only, no host read (runs on any device)."""
+        """:meth:`clip`'s accelerator arithmetic: device ops only, no host read (runs on any device).
+
+        The same rule as :meth:`clip_host`, step for step: a non-finite step neither starts, moves nor
+        counts towards the warm-up (the count of finite steps is a device tensor); :attr:`n` counts calls.
+        """
         norm = sq_total.detach().float().sqrt()
         finite = torch.isfinite(norm)
-        if self._mean is None or self._var is None:
-            # NaN until a finite norm is seen: a non-finite first step (skipped) must not start the mean at 0
-            self._mean = torch.where(finite, norm, torch.full_like(norm, math.nan))
-            self._var = torch.zeros_like(norm)
-            self.n = 1
-            return torch.ones_like(norm)
+        if self._mean is None or self._var is None:  # NaN until a finite norm is seen
+            self._mean, self._var = torch.full_like(norm, math.nan), torch.zeros_like(norm)
+            self._count = torch.zeros_like(norm)
+        elif (
+            self._count is None
+            or not isinstance(self._mean, torch.Tensor)
+            or self._mean.device != norm.device
+        ):
+            # loaded from a checkpoint, or the host arithmetic ran before: carry its state over
+            self._mean = torch.as_tensor(self._mean, dtype=norm.dtype, device=norm.device)
+            self._var = torch.as_tensor(self._var, dtype=norm.dtype, device=norm.device)
+            self._count = torch.full_like(norm, float(self.n))
         a = self.alpha
-        started = torch.isfinite(self._mean)  # a threshold from a NaN mean compares False: no clipping
-        if self.n >= self.warmup_steps:
+        started = torch.isfinite(self._mean)
+        coef = torch.ones_like(norm)
+        seen = norm
+        self.n += 1
+        if self.n > self.warmup_steps:  # calls bound finite steps: before this, no step can clip
+            warm = started & (self._count >= self.warmup_steps)
             threshold = self._mean + self.z * self._var.sqrt()
-            coef = torch.where(finite & (norm > threshold), threshold / (norm + 1e-12), torch.ones_like(norm))
+            coef = torch.where(warm & finite & (norm > threshold), threshold / (norm + 1e-12), coef)
             torch._foreach_mul_(grads, coef)
-            seen = torch.minimum(norm, threshold)
-        else:
-            coef, seen = torch.ones_like(norm), norm
+            seen = torch.where(warm, torch.minimum(norm, threshold), norm)
         d = seen - self._mean
         mean = torch.where(started, self._mean + (1 - a) * d, norm)
         var = torch.where(started, a * (self._var + (1 - a) * d * d), torch.zeros_like(norm))
         self._mean = torch.where(finite, mean, self._mean)
         self._var = torch.where(finite, var, self._var)
-        self.n += 1
+        self._count = self._count + finite.float()
         return coef
 
     def clip_host(self, grads: list[torch.Tensor], sq: float) -> float:
@@ -89,7 +102,7 @@ class ClipGradients(Remedy):
         var = float(self._var) if self._var is not None else 0.0  # sync: none on the CPU
         if mean is None or not math.isfinite(mean):  # nothing finite seen yet
             if finite:  # a non-finite step (skipped, or to be) neither starts nor counts
-                self._mean, self._var, self.n = norm, 0.0, 1
+                self._mean, self._var, self.n, self._count = norm, 0.0, 1, None
             return 1.0
         coef, seen = 1.0, norm
         if self.n >= self.warmup_steps:
@@ -102,6 +115,7 @@ class ClipGradients(Remedy):
             d = seen - mean
             mean, var = mean + (1 - self.alpha) * d, self.alpha * (var + (1 - self.alpha) * d * d)
             self._mean, self._var, self.n = mean, var, self.n + 1
+        self._count = None  # the device arithmetic, if it ever runs, starts from n
         return coef
 
     def clipped(self, steps: list[tuple[int, int, float, float]]) -> Action | None:
@@ -130,15 +144,17 @@ class ClipGradients(Remedy):
     def state_dict(self) -> dict[str, Any]:
         mean = float(self._mean) if self._mean is not None else math.nan  # sync: checkpoint only
         var = float(self._var) if self._var is not None else math.nan  # sync: checkpoint only
-        return {**super().state_dict(), "n": self.n, "mean": mean, "var": var}
+        n = int(float(self._count)) if self._count is not None else self.n  # sync: checkpoint only
+        return {**super().state_dict(), "n": n, "mean": mean, "var": var}
 
     def new_run(self) -> None:
         super().new_run()
-        self.n, self._mean, self._var = 0, None, None
+        self.n, self._mean, self._var, self._count = 0, None, None, None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.n = state.get("n", 0)
+        self._mean, self._var, self._count = None, None, None
         if self.n and math.isfinite(state.get("mean", math.nan)):
             self._mean = torch.tensor(state["mean"])
             self._var = torch.tensor(state["var"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -50,7 +51,8 @@ class SkipStep(Remedy):
         self._buffers: list[torch.Tensor] | None = None
         self._counted_step: int | None = None
         self._saved: list[torch.Tensor] = []
-        self._post_hooks: dict[int, Any] = {}  # id(optimizer) -> handle of the hook that disarms it
+        #: optimizer -> handle of its step post-hook that disarms it (weak: an optimizer may be replaced)
+        self._post_hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def bind(self, model: torch.nn.Module) -> None:
         self._buffers = list(model.buffers())
@@ -79,25 +81,30 @@ class SkipStep(Remedy):
         """Hand the fused optimizer the device flag for this step: 1.0 (skip) when the total squared norm
         ``sq`` is not finite, as ``GradScaler.step`` hands it ``found_inf``. A step post-hook takes the
         flag away as soon as that step has run, so no later ``step()`` can use it."""
+        flag = torch.isfinite(sq).logical_not().float()
+        flag._gradwatch_skip = True  # ours: disarm leaves a GradScaler's own found_inf alone
         optimizer.grad_scale = None
-        optimizer.found_inf = torch.isfinite(sq).logical_not().float()
-        if id(optimizer) not in self._post_hooks:
-            self._post_hooks[id(optimizer)] = optimizer.register_step_post_hook(
+        optimizer.found_inf = flag
+        if optimizer not in self._post_hooks:
+            self._post_hooks[optimizer] = optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: SkipStep.disarm(opt)
             )
 
     def remove_hooks(self) -> None:
-        """At the end of a run: the optimizers' disarming hooks go (the flag, if any, with them)."""
-        for handle in self._post_hooks.values():
+        """At the end of a run: the optimizers' disarming hooks go."""
+        for handle in list(self._post_hooks.values()):
             handle.remove()
-        self._post_hooks = {}
+        self._post_hooks = weakref.WeakKeyDictionary()
 
     @staticmethod
     def disarm(optimizer: torch.optim.Optimizer) -> None:
-        """After the optimizer stepped: the flag is for that one step only."""
-        for attr in ("grad_scale", "found_inf"):
-            if attr in vars(optimizer):
-                delattr(optimizer, attr)
+        """After the optimizer stepped: gradwatch's flag is for that one step only. A flag GradScaler set
+        (it arms fused optimizers the same way, and removes them itself) is not touched."""
+        state = vars(optimizer)
+        if getattr(state.get("found_inf"), "_gradwatch_skip", False):
+            del state["found_inf"]
+            if "grad_scale" in state and state["grad_scale"] is None:
+                del state["grad_scale"]
 
     def tally(self, step: int, skipped: bool) -> None:
         """Count a decided step towards ``max_consecutive`` (once per step, whatever the optimizers)."""
