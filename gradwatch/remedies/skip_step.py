@@ -35,7 +35,8 @@ class SkipStep(Remedy):
     ``found_inf`` flag ("the total squared norm is not finite") and its fused kernel leaves weights,
     moments, step counts and weight decay untouched on such a step, as above. The skip is counted,
     logged and, after ``max_consecutive`` in a row, escalated at the next read (at most one schedule
-    period later; the steps in between are skipped too, so nothing is poisoned meanwhile).
+    period later; the steps in between are skipped too, so nothing is poisoned meanwhile), at the same
+    steps as the per-step path. Not while a checkpoint is written, nor at the end of the run.
 
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
     monitor escalates to ``rollback`` when it is enabled.
