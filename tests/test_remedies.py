@@ -527,6 +527,8 @@ def test_clipping_arithmetic_on_device_matches_the_host_and_ignores_non_finite_s
     assert float(device._mean) == pytest.approx(host._mean, rel=1e-5)
     finite = sum(math.isfinite(x) for x in norms)
     assert host.n == device.state_dict()["n"] == finite  # the non-finite steps were not counted
+    device.clip_host([torch.ones(1)], 1.0)  # the per-step path taking over (a SkipStep budget running low)
+    assert device.n == finite + 1  # carries the device count of finite steps on
     assert any(c < 1 for c in [host.clip_host([torch.ones(1)], 100.0)])  # and it still clips
 
 

@@ -98,6 +98,8 @@ class ClipGradients(Remedy):
         """:meth:`clip` when the squared norm is already on the host; returns the coefficient applied."""
         norm = math.sqrt(sq) if sq >= 0 else math.nan
         finite = math.isfinite(norm)
+        if self._count is not None:  # the device arithmetic ran before: its count of finite steps is n
+            self.n = int(float(self._count))  # sync: once, when the path changes
         mean = float(self._mean) if self._mean is not None else None  # sync: none on the CPU
         var = float(self._var) if self._var is not None else 0.0  # sync: none on the CPU
         if mean is None or not math.isfinite(mean):  # nothing finite seen yet

@@ -34,9 +34,12 @@ class SkipStep(Remedy):
     cooldown and budget to spare, the decision stays on the device. The optimizer gets GradScaler's
     ``found_inf`` flag ("the total squared norm is not finite") and its fused kernel leaves weights,
     moments, step counts and weight decay untouched on such a step, as above. The skip is counted,
-    logged and, after ``max_consecutive`` in a row, escalated at the next read (at most one schedule
-    period later; the steps in between are skipped too, so nothing is poisoned meanwhile), at the same
-    steps as the per-step path. Not while a checkpoint is written, nor at the end of the run.
+    logged and, after ``max_consecutive`` in a row, escalated at the next read, at the same steps as the
+    per-step path, but up to one schedule period later: while the NaNs last the steps in between are
+    skipped too, so nothing is poisoned meanwhile; if they stop, those steps are discarded with the
+    rollback; and a give-up (``early_stop``) after a spent rollback comes that much later. Not while a
+    checkpoint is written (a burst that ends before the next read then escapes the rollback), nor at the
+    end of the run.
 
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
     monitor escalates to ``rollback`` when it is enabled.
