@@ -29,7 +29,7 @@ class SkipStep(Remedy):
     exists; so at the start of each step the model's buffers are copied on device
     (``torch._foreach_copy_``, no host sync; buffers are small) and put back when the step is skipped.
 
-    **Without a host sync** (:meth:`on_device`): in a single process, with one optimizer that is
+    **Without a host sync** (``SkipStep.on_device``): in a single process, with one optimizer that is
     torch's Adam or AdamW with ``fused=True`` in every param group, a model without buffers, no
     cooldown and budget to spare, the decision stays on the device. The optimizer gets GradScaler's
     ``found_inf`` flag ("the total squared norm is not finite") and its fused kernel leaves weights,
