@@ -563,28 +563,24 @@ class Monitor:
         """Steps whose skip was decided on device (a fused optimizer's ``found_inf``): now that their norms
         are on the host, count them, log each skip, and escalate at each skipped step that reaches
         ``max_consecutive``, as the per-step path does at that step (a rollback in its cooldown lets the
-        skipping go on; a rollback resets the count). Not while a checkpoint is being written
-        (``escalate=False``): the count is kept, and a skip at the next read escalates."""
+        skipping go on; a rollback resets the count). Not while a checkpoint is being written or the run
+        ends (``escalate=False``): the count is kept, and a skip at the next read escalates. Returns
+        whether a rollback restored a snapshot."""
         restored = False
         for r, rec in zip(rows, stats.steps, strict=True):
             if not r.device_skip:
                 continue
             # the flag was "the total squared norm is not finite": the same test as the read's row
             skipped = rec.grad_nonfinite > 0 or not math.isfinite(rec.grad_norm)
-            if restored:
-                # computed with the weights the rollback just replaced: they say nothing about the
-                # restored state, so they neither count nor escalate (the skips themselves happened)
-                if skipped:
-                    self._step_actions.append(
-                        self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite)
-                    )
-                continue
-            self.skip.tally(r.step, skipped)
+            # after a rollback in this read, the later rows were computed with the weights it replaced:
+            # they say nothing about the restored state, so they neither count nor escalate
+            if not restored:
+                self.skip.tally(r.step, skipped)
             if skipped:
                 self._step_actions.append(
                     self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite)
                 )
-                if escalate and self.skip.consecutive >= self.skip.max_consecutive:
+                if not restored and escalate and self.skip.consecutive >= self.skip.max_consecutive:
                     restored = self._escalate(r.step, r.epoch)
         return restored
 
