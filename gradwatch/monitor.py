@@ -620,8 +620,8 @@ class Monitor:
         if self.context is None:
             return
         rolled_back = restored
+        moot = ROLLED_BACK_PAST + ("nonfinite",) if restored else ROLLED_BACK_PAST
         for finding in findings:
-            moot = ROLLED_BACK_PAST + ("nonfinite",) if restored else ROLLED_BACK_PAST
             if finding.severity == "info" or (rolled_back and finding.rule in moot):
                 continue  # a rollback in this read already went back past what these findings saw
             order = LADDER.get(finding.rule, ())

@@ -22,7 +22,7 @@ class WeightProbe:
         """The parameters as the probes read them, under ``no_grad`` (so no ``detach`` per parameter):
         this rank's local shards when sharded."""
         params = self.layout.params
-        return [local(p) for p in params] if self.layout.sharded else list(params)
+        return [local(p) for p in params] if self.layout.sharded else params
 
     def snapshot(self) -> None:
         """Copy the weights before the optimizer step (probe steps only)."""
