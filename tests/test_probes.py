@@ -271,3 +271,27 @@ def test_nan_outputs_are_not_dead_units(kind):
     got = dict(zip(FIELDS, stats.tolist(), strict=True))
     assert got["dead_unit_frac"] == pytest.approx(1 / 8) and float(active[3]) == 0.0
     assert torch.equal(y, before)  # the model's own output is never modified
+
+
+def test_host_and_device_derivations_agree():
+    """The per-step rows derived in Python on the CPU (the common case) equal the device ops' rows, on
+    healthy steps, NaN and Inf gradients (count, first bad position) and a sum of squares that overflows
+    float32; the device path is what every accelerator, and every other case, runs."""
+    from gradwatch.monitor import ROW_FIELDS, Monitor, _PendingRow
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    mon = Monitor(remedies="off")
+    mon._layout = gradwatch.probes.ParamLayout(net)
+    positions = torch.tensor([0, 1, 2, 3])
+    inf, nan = math.inf, math.nan
+    cases = [[1.0, 2.0, 3.0, 4.0], [1.0, nan, 3.0, inf], [inf, 1.0, 1.0, 1.0], [3e19, 3e19, 0.0, 1.0]]
+    rows = [
+        _PendingRow(s, 0, 0.1, None, True, [torch.tensor(n)], [positions], [torch.tensor(float(s) + 0.5)])
+        for s, n in enumerate(cases)
+    ]
+    host = mon._derive(rows)
+    device = mon._derive_on_device(rows, torch.device("cpu"))
+    assert host.shape == device.shape == (len(cases), len(ROW_FIELDS))
+    torch.testing.assert_close(host, device, equal_nan=True, rtol=1e-6, atol=0)
+    assert host[1].tolist()[2:5] == [2.0, 1.0, 1.0]  # two non-finite, the first at position 1
+    assert math.isinf(host[3, 1])  # 1.8e39 overflows float32, as the device's dot does
