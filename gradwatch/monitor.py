@@ -730,8 +730,12 @@ class Monitor:
         positions = rows[0].positions[0].tolist()
         values = []
         for row, loss in zip(norms, losses, strict=True):
-            sq = sum(v * v for v in row)
-            bad = [p for v, p in zip(row, positions, strict=True) if not math.isfinite(v)]
+            sq = sum([v * v for v in row])
+            bad = (
+                []
+                if sq < math.inf
+                else [p for v, p in zip(row, positions, strict=True) if not math.isfinite(v)]
+            )
             first_x_bad = float(min(bad)) if bad else 0.0  # ROW_FIELDS: first position x bad
             values.append([loss, sq, float(len(bad)), first_x_bad, float(bool(bad)), math.nan, 0.0])
         return torch.tensor(values, dtype=torch.float32)
@@ -842,10 +846,9 @@ class Monitor:
         """
         every = self.log_every_n_steps
         self._tail_row = None
+        self._track("grad_norm", [rec.grad_norm for rec in stats.steps])
+        self._track("loss", [rec.loss for rec in stats.steps if rec.loss is not None])
         for rec in stats.steps:
-            self._track("grad_norm", rec.grad_norm)
-            if rec.loss is not None:
-                self._track("loss", rec.loss)
             if not (
                 (rec.step + 1) % every == 0
                 or rec.step in notable
@@ -899,11 +902,14 @@ class Monitor:
             values["gradwatch/amp/scaler_skipped"] = float(rec.scaler_skipped)
         return values
 
-    def _track(self, name: str, value: float) -> None:
-        if not math.isfinite(value):
+    def _track(self, name: str, values: list[float]) -> None:
+        """Keep the first, lowest, highest and last finite value of a series, for the summary."""
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
             return
-        r = self.ranges.setdefault(name, {"first": value, "min": value, "max": value, "last": value})
-        r["min"], r["max"], r["last"] = min(r["min"], value), max(r["max"], value), value
+        low, high = min(finite), max(finite)
+        r = self.ranges.setdefault(name, {"first": finite[0], "min": low, "max": high, "last": finite[-1]})
+        r["min"], r["max"], r["last"] = min(r["min"], low), max(r["max"], high), finite[-1]
 
     def _emit_scalars(self, step: int, values: dict[str, float]) -> None:
         for sink in self.sinks:

@@ -50,15 +50,16 @@ class SpikeDetector(Detector):
 
     def check(self, step: int, stats: Stats) -> list[Finding]:
         out: list[Finding] = []
+        ema, active, a = self.ema, self.active, self.alpha
         for rec in stats.steps:
             x = self.value(rec)
-            if x is None or not math.isfinite(x) or x <= 0:
-                continue  # non-finite values are the nonfinite rule's
+            if x is None or not 0 < x < math.inf:
+                continue  # non-finite values (NaN fails both comparisons) are the nonfinite rule's
             lx = safe_log(x)
-            if self.ema.n >= self.warmup_steps:
-                z = (lx - self.ema.mean) / self._std()
-                baseline = math.exp(self.ema.mean)
-                if z >= self.z and x >= self.ratio * baseline:
+            if ema.n >= self.warmup_steps and (lx - ema.mean) / self._std() >= self.z:
+                z = (lx - ema.mean) / self._std()
+                baseline = math.exp(ema.mean)
+                if x >= self.ratio * baseline:
                     severity = Severity.CRITICAL if x >= 100 * baseline else Severity.WARNING
                     message = (
                         f"{self.what} jumped to {x:.4g}, {x / baseline:.1f}x its running baseline "
@@ -70,11 +71,12 @@ class SpikeDetector(Detector):
                     out += self.report(
                         "spike", self.finding(severity, rec.step, rec.epoch, None, message, evidence)
                     )
-                    self.ema.update(self.ema.mean + self.z * self._std())
+                    ema.update(ema.mean + self.z * self._std())
                     continue
-            self.active.pop("spike", None)
+            if active:
+                active.pop("spike", None)
             if not math.isnan(self.prev):
-                self.diff_var = self.alpha * self.diff_var + (1 - self.alpha) * (lx - self.prev) ** 2 / 2
+                self.diff_var = a * self.diff_var + (1 - a) * (lx - self.prev) ** 2 / 2
             self.prev = lx
-            self.ema.update(lx)
+            ema.update(lx)
         return out

@@ -112,7 +112,8 @@ class Detector:
         out: dict[str, Any] = {"active": dict(self.active)}
         for name in self.state_fields:
             value = getattr(self, name)
-            out[name] = value.state() if hasattr(value, "state") else value
+            # a copy of a list: detectors may grow their windows in place after this
+            out[name] = value.state() if hasattr(value, "state") else copy.copy(value)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -124,8 +125,8 @@ class Detector:
             current = getattr(self, name)
             if hasattr(current, "load"):
                 current.load(state[name])
-            else:
-                setattr(self, name, state[name])
+            else:  # a copy: the checkpoint's own objects stay as they were
+                setattr(self, name, copy.copy(state[name]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

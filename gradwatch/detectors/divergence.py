@@ -45,16 +45,23 @@ class Divergence(Detector):
         for rec in stats.steps:
             if rec.loss is None or not math.isfinite(rec.loss):
                 continue
-            self.recent = [*self.recent[-(self.window - 1) :], rec.loss]
-            if len(self.recent) < self.window:
+            recent = self.recent
+            recent.append(rec.loss)
+            if len(recent) > self.window:
+                del recent[0]
+            elif len(recent) < self.window:
                 continue
-            m = statistics.median(self.recent)
+            m = statistics.median(recent)
             if math.isnan(self.initial):
                 self.initial = m
             self.best = min(self.best, m)
             rising = m >= self.factor * self.best and m - self.best >= 0.1 * abs(self.initial)
             self.streak = self.streak + 1 if rising else 0
-            if not rising and m < self.best + 0.5 * (self.factor - 1) * abs(self.best):
+            if (
+                not rising
+                and "diverge" in self.active
+                and m < self.best + 0.5 * (self.factor - 1) * abs(self.best)
+            ):
                 out += self.resolve(
                     "diverge", rec.step, rec.epoch, None, f"loss back to {m:.4g} (best {self.best:.4g})"
                 )

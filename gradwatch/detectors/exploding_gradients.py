@@ -61,7 +61,7 @@ class ExplodingGradients(Detector):
                 self.streak += 1
             else:
                 self.streak = 0
-                if growth < math.sqrt(self.growth):
+                if growth < math.sqrt(self.growth) and "explode" in self.active:
                     out += self.resolve(
                         "explode",
                         rec.step,

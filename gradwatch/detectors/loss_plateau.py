@@ -56,7 +56,10 @@ class LossPlateau(Detector):
             if L < self.best - self.min_delta * abs(self.best) or self.best == math.inf:
                 self.best = L
                 self.since = 0
-                out += self.resolve("plateau", rec.step, rec.epoch, None, f"loss improving again: {L:.4g}")
+                if "plateau" in self.active:
+                    out += self.resolve(
+                        "plateau", rec.step, rec.epoch, None, f"loss improving again: {L:.4g}"
+                    )
                 continue
             self.since += 1
             if self.since >= self.patience:
