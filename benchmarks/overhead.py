@@ -19,7 +19,10 @@ the main window steps 200-400, the steady state of a long run, where they run ev
 ``on_train_batch_end``) or need a device sync every step, which on a GPU would hide exactly the
 asynchrony gradwatch relies on; and a per-step median would ignore the scheduled steps (1 in 20), which
 is where gradwatch does most of its work. The window holds a whole number of schedule periods.
-A config's step time is the median over rounds; its ratio is that median over bare's median.
+A config's step time is the median over rounds; its ratio is that median over bare's median. On the CPU
+workload the table adds a ``cpu`` column, the same ratio in the process's CPU time (``time.process_time``,
+every thread, the TensorBoard writer's too): on a shared machine the wall clock also counts the time
+other tenants take, which moves a 1.03x ratio by several percent from one round to the next.
 
 Peers (skipped with a note when their package is missing):
 
@@ -370,7 +373,8 @@ def _sync(device: torch.device) -> None:
 
 class WindowTimer(pl.Callback):
     """Wall time from ``on_train_batch_start`` of step ``warmup`` to ``on_train_end`` (device synced), and
-    the time at the start of step ``split`` in between (the end of the early window), if given."""
+    the time at the start of step ``split`` in between (the end of the early window), if given. The
+    process's CPU time (all its threads) is noted at the same points."""
 
     def __init__(self, warmup: int, split: int | None = None) -> None:
         self.warmup = warmup
@@ -378,6 +382,9 @@ class WindowTimer(pl.Callback):
         self.t0: float | None = None
         self.t_split: float | None = None
         self.t1: float | None = None
+        self.cpu0: float | None = None
+        self.cpu_split: float | None = None
+        self.cpu1: float | None = None
         self.peak_mem = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -386,22 +393,26 @@ class WindowTimer(pl.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
             self.t0 = time.perf_counter()
+            self.cpu0 = time.process_time()
         elif self.t_split is None and self.split is not None and trainer.global_step == self.split:
             _sync(pl_module.device)
             self.t_split = time.perf_counter()
+            self.cpu_split = time.process_time()
 
     def on_train_end(self, trainer, pl_module) -> None:
         _sync(pl_module.device)
         self.t1 = time.perf_counter()
+        self.cpu1 = time.process_time()
         if pl_module.device.type == "cuda":
             self.peak_mem = torch.cuda.max_memory_allocated(pl_module.device)
 
 
 def run_once(
     wl: Workload, cfg: Config, warmup: int, early: int, steps: int, root: str
-) -> tuple[float, float | None, int]:
+) -> tuple[float, float | None, int, float]:
     """One fit of ``warmup + early + steps`` steps; returns (seconds per step of the last ``steps`` steps,
-    seconds per step of the ``early`` steps before them or None, peak device bytes)."""
+    seconds per step of the ``early`` steps before them or None, peak device bytes, CPU seconds per
+    step of the last ``steps`` steps)."""
     module = wl.module
     with torch.no_grad():
         module.load_state_dict(wl.initial)
@@ -422,9 +433,14 @@ def run_once(
     trainer.fit(module, wl.loader)
     assert timer.t0 is not None and timer.t1 is not None, "the run ended before the timing window"
     if not early:
-        return (timer.t1 - timer.t0) / steps, None, timer.peak_mem
-    assert timer.t_split is not None
-    return (timer.t1 - timer.t_split) / steps, (timer.t_split - timer.t0) / early, timer.peak_mem
+        return (timer.t1 - timer.t0) / steps, None, timer.peak_mem, (timer.cpu1 - timer.cpu0) / steps
+    assert timer.t_split is not None and timer.cpu_split is not None
+    return (
+        (timer.t1 - timer.t_split) / steps,
+        (timer.t_split - timer.t0) / early,
+        timer.peak_mem,
+        (timer.cpu1 - timer.cpu_split) / steps,
+    )
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -508,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[str, list[float]] = {c.name: [] for c in chosen}
     early_times: dict[str, list[float]] = {c.name: [] for c in chosen}
+    cpu_times: dict[str, list[float]] = {c.name: [] for c in chosen}
     peaks: dict[str, int] = {}
     stop: list[str] = []  # a SIGTERM (e.g. from `timeout`) ends the benchmark after the current run
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
@@ -519,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         k = r % len(chosen)
         order = chosen[k:] + chosen[:k]  # rotate: no config always runs right after another
-        got: dict[str, tuple[float, float | None, int]] = {}
+        got: dict[str, tuple[float, float | None, int, float]] = {}
         for cfg in order:
             if stop:
                 break
@@ -533,8 +550,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             break
         if r > 0:
-            for name, (t, t_early, peak) in got.items():
+            for name, (t, t_early, peak, cpu) in got.items():
                 times[name].append(t)
+                cpu_times[name].append(cpu)
                 if t_early is not None:
                     early_times[name].append(t_early)
                 peaks[name] = max(peaks.get(name, 0), peak)
@@ -547,9 +565,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bare = statistics.median(times["bare"])
     show_mem = any(peaks.values())
+    show_cpu = wl.trainer_kw.get("accelerator") == "cpu"  # on a GPU the host CPU time says little
+    cpu_bare = statistics.median(cpu_times["bare"])
     print()
     head = f"{'config':<15}{'ms/step':>9}{'ratio':>8}{'paired':>8}{'min':>8}{'max':>8}"
     head += f"{'early':>8}" if early else ""
+    head += f"{'cpu':>8}" if show_cpu else ""
     print(head + (f"{'peak MiB':>10}" if show_mem else "") + "  what")
     for cfg in chosen:
         ts = times[cfg.name]
@@ -560,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             row += (
                 f"{statistics.median(early_times[cfg.name]) / statistics.median(early_times['bare']):>7.2f}x"
             )
+        if show_cpu:
+            row += f"{statistics.median(cpu_times[cfg.name]) / cpu_bare:>7.2f}x"
         if show_mem:
             row += f"{peaks.get(cfg.name, 0) / 2**20:>10.0f}"
         print(row + f"  {cfg.what}")
@@ -570,23 +593,31 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"early: the same ratio over steps {warmup}-{warmup + early}, where the heavy probes run at every read"
         )
+    if show_cpu:
+        print(
+            "cpu: the same ratio in the process's CPU time (all threads): what the run spent computing, "
+            "not what other tenants of a shared machine took from it"
+        )
     overhead = {name: statistics.median(ts) / bare - 1 for name, ts in times.items()}
     pairs = [p for p in SAME_FREQUENCY if p[0] in overhead and p[1] in overhead]
     if pairs:
         print("\nthe same logging frequency: how many times less overhead gradwatch adds than the peer")
+    cpu_overhead = {name: statistics.median(ts) / cpu_bare - 1 for name, ts in cpu_times.items()}
+
+    def times_less(over: dict[str, float], peer: str, ours: str) -> str:
+        return f"{over[peer] / over[ours]:.1f}x" if over[ours] > 0 else "inf (no measurable overhead)"
+
     for peer, ours, what in pairs:
-        times_less = (
-            f"{overhead[peer] / overhead[ours]:.1f}x"
-            if overhead[ours] > 0
-            else "inf (no measurable overhead)"
-        )
-        print(f"  {ours} vs {peer} ({what}): {times_less}")
+        cpu = f" (in CPU time: {times_less(cpu_overhead, peer, ours)})" if show_cpu else ""
+        print(f"  {ours} vs {peer} ({what}): {times_less(overhead, peer, ours)}{cpu}")
     if "default" in times:
         ratio = statistics.median(times["default"]) / bare
         line = f"default overhead: {ratio:.2f}x bare (median of {len(times['default'])} interleaved runs"
         if early:
             e = statistics.median(early_times["default"]) / statistics.median(early_times["bare"])
             line += f", steps {warmup + early}-{warmup + early + steps}; {e:.2f}x over steps {warmup}-{warmup + early}"
+        if show_cpu:
+            line += f"; {statistics.median(cpu_times['default']) / cpu_bare:.2f}x in CPU time"
         print(line + ")")
     return 0
 

@@ -837,8 +837,10 @@ class Monitor:
 
     def _write_scalars(self, stats: Stats, notable: set[int]) -> None:
         """Per-step rows every :attr:`log_every_n_steps` steps and at every notable step (a finding or an
-        action at that step, a non-finite value, a step the GradScaler skipped), then the read's own row.
-        The last step's row, if skipped, is kept for :meth:`finish` to close the curves with.
+        action at that step, a non-finite value, a step the GradScaler skipped), then the read's own row
+        (weight norms; per-layer curves; the heavy probes' values) when the read holds a step of the
+        logging cadence, a notable step, or heavy-probe results. The last step's row, if skipped, is kept
+        for :meth:`finish` to close the curves with.
 
         Why not every step: each TensorBoard event costs ~25-60 us of the training thread (the writer's
         queue and its pure-Python CRC; docs/performance.md), the same cadence Lightning gives the user's
@@ -846,6 +848,7 @@ class Monitor:
         """
         every = self.log_every_n_steps
         self._tail_row = None
+        read_row_due = bool(notable) or any((rec.step + 1) % every == 0 for rec in stats.steps)
         self._track("grad_norm", [rec.grad_norm for rec in stats.steps])
         self._track("loss", [rec.loss for rec in stats.steps if rec.loss is not None])
         for rec in stats.steps:
@@ -860,7 +863,10 @@ class Monitor:
                 self._tail_row = rec
                 continue
             self._tail_row = None
+            read_row_due = True
             self._emit_scalars(rec.step, self._row_values(rec))
+        if not (read_row_due or stats.activations or stats.inputs is not None or stats.update_ratio):
+            return  # between the logging cadence's steps, as the per-step rows
         values: dict[str, float] = {}
         if stats.weight_norm:
             total = math.sqrt(sum(v * v for v in stats.weight_norm.values()))

@@ -145,8 +145,10 @@ class Transfer:
         if not self._tensors:
             return {}
         device = self._tensors[0].device
-        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in self._tensors])
         world = distributed.world_size()
+        if (world <= 1 or not across_ranks) and all(t.device.type == "cpu" for t in self._tensors):
+            return self._read_host()
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in self._tensors])
         if world > 1 and across_ranks:  # one stacked all-reduce: every rank then judges the same numbers
             specs = [(t.numel(), m) for t, m in zip(self._tensors, self._modes, strict=True)]
             flat = distributed.all_reduce_stacked(flat, distributed.reduce_factors(specs, world))
@@ -157,6 +159,18 @@ class Transfer:
             n = tensor.numel()
             out[name] = host[offset : offset + n].reshape(tensor.shape)
             offset += n
+        self._names.clear()
+        self._tensors.clear()
+        self._modes.clear()
+        return out
+
+    def _read_host(self) -> dict[str, np.ndarray]:
+        """:meth:`read` when every tensor is host memory and no rank needs a reduction: each one is copied
+        to float32 numpy as it is (no concatenation, nothing to wait for)."""
+        out = {
+            name: np.array(t.numpy() if t.dtype == torch.float32 else t.float().numpy(), dtype=np.float32)
+            for name, t in zip(self._names, self._tensors, strict=True)
+        }
         self._names.clear()
         self._tensors.clear()
         self._modes.clear()

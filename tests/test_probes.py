@@ -295,3 +295,27 @@ def test_host_and_device_derivations_agree():
     torch.testing.assert_close(host, device, equal_nan=True, rtol=1e-6, atol=0)
     assert host[1].tolist()[2:5] == [2.0, 1.0, 1.0]  # two non-finite, the first at position 1
     assert math.isinf(host[3, 1])  # 1.8e39 overflows float32, as the device's dot does
+
+
+def test_weight_norms_on_host_and_on_device_agree():
+    """The CPU's Python-float weight probe equals the device ops: per-layer squared norms, non-finite
+    weights per layer, and the update ratio's squared norms after a step."""
+    from gradwatch.probes import ParamLayout, WeightProbe
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    probe = WeightProbe(ParamLayout(net))
+    with torch.no_grad():
+        net[0].bias[0] = float("nan")
+    results = []
+    for on_host in (True, False):
+        probe.snapshot()
+        with torch.no_grad():
+            net[2].weight.mul_(1.5)
+        results.append(probe.measure(on_host=on_host))
+        with torch.no_grad():
+            net[2].weight.div_(1.5)
+    (h_sq, h_bad, h_upd), (d_sq, d_bad, d_upd) = results
+    torch.testing.assert_close(h_sq, d_sq, equal_nan=True)
+    assert h_bad.tolist() == d_bad.tolist() == [1.0, 0.0]
+    torch.testing.assert_close(h_upd, d_upd, equal_nan=True)

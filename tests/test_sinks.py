@@ -98,6 +98,19 @@ def test_step_rows_follow_the_trainers_log_every_n_steps(tmp_path, loaders, ever
     assert mon.monitor.steps_seen == max_steps and not mon.findings  # every step was still judged
 
 
+@pytest.mark.parametrize(("every", "steps"), [(1, [0, 4, 8, 12, 16, 20]), (10, [12, 20])])
+def test_read_rows_follow_the_logging_cadence_between_probes(tmp_path, loaders, every, steps):
+    """The read's own row (weight norms) is written by the reads that hold a step of the logging cadence
+    (steps 9 and 19 with log_every_n_steps=10), as the per-step rows are; reads with heavy-probe results
+    always write it (none here: the probes are off)."""
+    mon = gradwatch.HealthMonitor(
+        every_n_steps=4, remedies="off", activations=False, inputs=False, update_ratio=False
+    )
+    t = trainer(tmp_path, [mon], max_steps=23, log_every_n_steps=every)
+    t.fit(DigitsMLP(), loaders[0])
+    assert [e.step for e in _tb(t.logger.log_dir).Scalars("gradwatch/weight_norm/total")] == steps
+
+
 def test_totals_only_by_default(tmp_path, loaders):
     mon = gradwatch.HealthMonitor(every_n_steps=5)
     t = trainer(tmp_path, [mon], max_steps=10)
