@@ -331,8 +331,10 @@ def configs() -> list[Config]:
         Config("observe", lambda: [gw(remedies="off")], 'HealthMonitor(remedies="off"): observing only'),
     ]
     out += [
-        Config("every_step", lambda: [gw(remedies="off", every_n_steps=1)], "every_n_steps=1"),
-        Config("every_100", lambda: [gw(every_n_steps=100)], "HealthMonitor(every_n_steps=100)"),
+        Config("every_step", lambda: [gw(remedies="off", every_n_steps=1)], "every_n_steps=1, observing only"),
+        Config(
+            "every_100", lambda: [gw(remedies="off", every_n_steps=100)], "every_n_steps=100, observing only"
+        ),
         Config(
             "everything_on",
             lambda: [gw(remedies="off", every_n_steps=5, probe_every_n_steps=None, per_layer=True)],
@@ -355,11 +357,14 @@ def configs() -> list[Config]:
     return out
 
 
-#: (peer, gradwatch config, what both do): the comparisons at the same logging frequency.
+#: (peer, gradwatch config, what both do): the comparisons at the same logging frequency. The peers only
+#: observe, so each is set against gradwatch observing (``remedies="off"``); the default, which also
+#: repairs, is set against ``grad_norm`` too.
 SAME_FREQUENCY = [
-    ("grad_norm", "default", "every step's gradient norms"),
-    ("wandb_all_1", "every_step", "every step"),
-    ("wandb_all_100", "every_100", "every 100 steps"),
+    ("grad_norm", "observe", "every step's gradient norms, observing"),
+    ("grad_norm", "default", "every step's gradient norms; gradwatch also repairs"),
+    ("wandb_all_1", "every_step", "every step, observing"),
+    ("wandb_all_100", "every_100", "every 100 steps, observing"),
 ]
 
 
