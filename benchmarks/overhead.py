@@ -331,7 +331,9 @@ def configs() -> list[Config]:
         Config("observe", lambda: [gw(remedies="off")], 'HealthMonitor(remedies="off"): observing only'),
     ]
     out += [
-        Config("every_step", lambda: [gw(remedies="off", every_n_steps=1)], "every_n_steps=1, observing only"),
+        Config(
+            "every_step", lambda: [gw(remedies="off", every_n_steps=1)], "every_n_steps=1, observing only"
+        ),
         Config(
             "every_100", lambda: [gw(remedies="off", every_n_steps=100)], "every_n_steps=100, observing only"
         ),

@@ -723,11 +723,11 @@ class Monitor:
     def _derive_host(self, rows: list[_PendingRow]) -> torch.Tensor:
         """:meth:`_derive` on the CPU, where the norms are host memory: the norm matrix and the losses are
         read with ``tolist()`` (no wait on a CPU) and summarised in Python, then packed in one tensor for
-        the transfer. Three tensor ops instead of about fifteen: each costs 10-20 us inside a training step
-        on a small CPU, Python on 20 x 8 floats less (docs/performance.md)."""
-        norms = torch.stack([r.norms[0] for r in rows]).tolist()
-        losses = torch.stack([r.losses[0] for r in rows]).float().tolist()
-        positions = rows[0].positions[0].tolist()
+        the transfer: four tensor ops instead of about fifteen, which inside a training step on a small CPU
+        cost more than the Python on 20 x 8 floats (docs/performance.md)."""
+        norms = torch.stack([r.norms[0] for r in rows]).tolist()  # sync: none, CPU tensors only
+        losses = torch.stack([r.losses[0] for r in rows]).float().tolist()  # sync: none (CPU)
+        positions = rows[0].positions[0].tolist()  # sync: none (CPU)
         values = []
         for row, loss in zip(norms, losses, strict=True):
             sq = sum([v * v for v in row])

@@ -42,7 +42,7 @@ def squared_total(norms: torch.Tensor) -> float:
     """
     if norms.device.type != "cpu":
         return float(torch.dot(norms, norms))  # sync: the one read
-    total = math.fsum(v * v for v in norms.tolist())
+    total = math.fsum(v * v for v in norms.tolist())  # sync: none, host memory
     return math.inf if total > FLOAT32_MAX else total
 
 

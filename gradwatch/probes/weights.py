@@ -56,12 +56,12 @@ class WeightProbe:
         """:meth:`measure` on the CPU: the norms read with ``tolist()`` (no wait there) and summed per layer
         in Python, which costs less than the five small tensor ops it replaces. Squares beyond float32's
         range become Inf in the returned tensor, as on the device."""
-        values = norms.tolist()
+        values = norms.tolist()  # sync: none, CPU tensors only
         rows = [[v * v for v in values], [0.0 if math.isfinite(v) else 1.0 for v in values]]
         if before is not None:
             delta = torch._foreach_sub(params, before)
             for vectors in (delta, before):
-                rows.append([v * v for v in foreach_norms(vectors).tolist()])
+                rows.append([v * v for v in foreach_norms(vectors).tolist()])  # sync: none (CPU)
         per = torch.tensor(self.layout.per_layer_host(rows), dtype=torch.float32)
         return per[0], per[1], (per[2:] if len(rows) > 2 else None)
 
