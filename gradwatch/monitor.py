@@ -186,6 +186,8 @@ class Monitor:
         self._last_probe: int | None = None  # the last probe step (see probing)
         self._probe_memo: tuple[int, bool] = (-1, False)  # (step, decision): asked twice per step
         self._tail_row: StepRecord | None = None  # the last step's row, if not written yet
+        self._tail_values: tuple[int, dict[str, float]] | None = None  # the last read's row, if not written
+        self._read_row_due = True  # a logging-cadence step has passed since the read row was last written
         self._snap = Transfer()
         self._snap_meta: dict[str, Any] = {}
         self._val_loss: float | None = None
@@ -272,6 +274,7 @@ class Monitor:
         self._snap_meta = {}
         self._probed_step = None
         self._last_probe, self._probe_memo, self._tail_row = None, (-1, False), None
+        self._tail_values, self._read_row_due = None, True
         self._row = None
         self._rows, self._clips, self._step_actions = [], [], []
         self._losses, self._loss_n = [], 0
@@ -713,6 +716,7 @@ class Monitor:
                 and r.positions[0] is first.positions[0]
                 and len(r.losses) == 1
                 and r.losses[0].dim() == 0
+                and r.losses[0].dtype == first.losses[0].dtype
                 and r.scale is None
                 for r in rows
             )
@@ -838,9 +842,10 @@ class Monitor:
     def _write_scalars(self, stats: Stats, notable: set[int]) -> None:
         """Per-step rows every :attr:`log_every_n_steps` steps and at every notable step (a finding or an
         action at that step, a non-finite value, a step the GradScaler skipped), then the read's own row
-        (weight norms; per-layer curves; the heavy probes' values) when the read holds a step of the
-        logging cadence, a notable step, or heavy-probe results. The last step's row, if skipped, is kept
-        for :meth:`finish` to close the curves with.
+        (weight norms; per-layer curves; the heavy probes' values) at the run's first read, at the first
+        read after a step of the logging cadence or a notable step (whether or not the read that held it
+        had such values: an early-stopping flush has none), and with heavy-probe results. The last step's
+        row and the last read's row, if not written, are kept for :meth:`finish` to close the curves with.
 
         Why not every step: each TensorBoard event costs ~25-60 us of the training thread (the writer's
         queue and its pure-Python CRC; docs/performance.md), the same cadence Lightning gives the user's
@@ -848,7 +853,8 @@ class Monitor:
         """
         every = self.log_every_n_steps
         self._tail_row = None
-        read_row_due = bool(notable) or any((rec.step + 1) % every == 0 for rec in stats.steps)
+        if notable or any((rec.step + 1) % every == 0 for rec in stats.steps):
+            self._read_row_due = True
         self._track("grad_norm", [rec.grad_norm for rec in stats.steps])
         self._track("loss", [rec.loss for rec in stats.steps if rec.loss is not None])
         for rec in stats.steps:
@@ -863,10 +869,8 @@ class Monitor:
                 self._tail_row = rec
                 continue
             self._tail_row = None
-            read_row_due = True
+            self._read_row_due = True
             self._emit_scalars(rec.step, self._row_values(rec))
-        if not (read_row_due or stats.activations or stats.inputs is not None or stats.update_ratio):
-            return  # between the logging cadence's steps, as the per-step rows
         values: dict[str, float] = {}
         if stats.weight_norm:
             total = math.sqrt(sum(v * v for v in stats.weight_norm.values()))
@@ -890,8 +894,13 @@ class Monitor:
             for name, a in stats.activations.items():
                 for field_name in FIELDS:
                     values[f"gradwatch/activations/{name}/{field_name}"] = getattr(a, field_name)
-        if values:
+        if not values:
+            return
+        if self._read_row_due or stats.activations or stats.inputs is not None or stats.update_ratio:
             self._emit_scalars(stats.step, values)
+            self._read_row_due, self._tail_values = False, None
+        else:  # between the logging cadence's steps, as the per-step rows
+            self._tail_values = (stats.step, values)
 
     @staticmethod
     def _row_values(rec: StepRecord) -> dict[str, float]:
@@ -936,6 +945,9 @@ class Monitor:
             if self._tail_row is not None:  # the run's last step closes the TensorBoard curves
                 self._emit_scalars(self._tail_row.step, self._row_values(self._tail_row))
                 self._tail_row = None
+            if self._tail_values is not None:  # and its last read those of the read's own row
+                self._emit_scalars(*self._tail_values)
+                self._tail_values = None
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
             self._rows = []
             log.warning(

@@ -168,7 +168,9 @@ class Transfer:
         """:meth:`read` when every tensor is host memory and no rank needs a reduction: each one is copied
         to float32 numpy as it is (no concatenation, nothing to wait for)."""
         out = {  # sync: none, host memory; the one read per scheduled step (a copy, as .cpu() makes)
-            name: np.array(t.numpy() if t.dtype == torch.float32 else t.float().numpy(), dtype=np.float32)
+            name: np.array(
+                t.resolve_neg().numpy() if t.dtype == torch.float32 else t.float().numpy(), dtype=np.float32
+            )
             for name, t in zip(self._names, self._tensors, strict=True)
         }
         self._names.clear()

@@ -121,6 +121,24 @@ def test_divergence_ignores_tiny_losses_doubling_near_convergence():
     assert feed(Divergence(), losses=losses) == []
 
 
+def test_divergence_on_a_loss_of_exactly_zero():
+    """A loss that reaches exactly 0 (a perfectly fitted hinge loss, say) is not a divergence while it
+    stays there, and one that then rises is reported with an infinite ratio, not a ZeroDivisionError."""
+    assert feed(Divergence(), losses=[0.0] * 60) == []
+    (f,) = [f for f in feed(Divergence(), losses=[0.0] * 30 + [1.0] * 30) if f.severity != "info"][:1]
+    assert f.evidence["ratio"] == math.inf
+
+
+def test_divergence_resumed_with_a_smaller_window():
+    """A state saved with window=20 and loaded into window=5 judges the last 5 losses at once."""
+    old = Divergence(window=20)
+    feed(old, losses=[1.0] * 30)
+    new = Divergence(window=5, patience=3)
+    new.load_state_dict(old.state_dict())
+    out = feed(new, losses=[10.0] * 8, start=30, chunk=1)
+    assert len(new.recent) == 5 and [f.rule for f in out] == ["divergence"]
+
+
 def test_plateau_warns_when_stuck_at_start_and_informs_when_converged():
     stuck = feed(LossPlateau(patience=100), losses=noisy(300, 2.3, 0.01))
     assert stuck and stuck[0].severity == "warning" and stuck[0].evidence["steps"] >= 100
@@ -270,6 +288,15 @@ def test_overfitting_needs_rising_val_and_falling_train():
         out += d.check(i * 10 + 9, Stats(step=i * 10 + 9, epoch=i, steps=steps, val_loss=v))
     (f,) = out
     assert f.epoch == 5 and f.evidence["val_best"] == 0.7 and f.evidence["gap"] > 0
+
+
+def test_overfitting_after_a_validation_loss_of_exactly_zero():
+    d = Overfitting()
+    out = []
+    for i, v in enumerate([1.0, 0.0, 0.1, 0.2, 0.3, 0.4]):
+        steps = [rec(i * 10 + j, loss=0.05 * 0.9**i) for j in range(10)]
+        out += d.check(i * 10 + 9, Stats(step=i * 10 + 9, epoch=i, steps=steps, val_loss=v))
+    assert [f.evidence["val_best"] for f in out] == [0.0]
 
 
 def test_overfitting_silent_when_both_rise():

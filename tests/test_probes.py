@@ -319,3 +319,29 @@ def test_weight_norms_on_host_and_on_device_agree():
     torch.testing.assert_close(h_sq, d_sq, equal_nan=True)
     assert h_bad.tolist() == d_bad.tolist() == [1.0, 0.0]
     torch.testing.assert_close(h_upd, d_upd, equal_nan=True)
+
+
+def test_squared_total_overflows_where_float32_does():
+    """skip_step's host sum of squares is Inf exactly where the device's float32 dot is: [x, x] with
+    x = sqrt(max/2) sums to the largest float32, not beyond it; one ulp more overflows."""
+    from gradwatch.probes.gradients import squared_total
+
+    x = torch.tensor(math.sqrt(torch.finfo(torch.float32).max / 2), dtype=torch.float32)
+    for v in (x, torch.nextafter(x, torch.tensor(math.inf))):
+        norms = torch.stack([v, v])
+        assert squared_total(norms) == pytest.approx(float(torch.dot(norms, norms)), rel=1e-6)
+
+
+def test_mixed_loss_dtypes_take_the_device_derivation():
+    """Rows whose losses differ in dtype (an int loss next to a bfloat16 one) are derived by the device
+    ops, which convert each loss on its own: 257 stays 257."""
+    from gradwatch.monitor import Monitor, _PendingRow
+
+    mon = Monitor(remedies="off")
+    mon._layout = gradwatch.probes.ParamLayout(torch.nn.Linear(2, 1))
+    pos = torch.tensor([0, 1])
+    losses = [torch.tensor(257), torch.tensor(1.5, dtype=torch.bfloat16)]
+    rows = [
+        _PendingRow(s, 0, None, None, True, [torch.ones(2)], [pos], [loss]) for s, loss in enumerate(losses)
+    ]
+    assert mon._derive(rows)[:, 0].tolist() == [257.0, 1.5]

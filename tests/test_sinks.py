@@ -98,17 +98,41 @@ def test_step_rows_follow_the_trainers_log_every_n_steps(tmp_path, loaders, ever
     assert mon.monitor.steps_seen == max_steps and not mon.findings  # every step was still judged
 
 
-@pytest.mark.parametrize(("every", "steps"), [(1, [0, 4, 8, 12, 16, 20]), (10, [12, 20])])
+@pytest.mark.parametrize(("every", "steps"), [(1, [0, 4, 8, 12, 16, 20]), (10, [0, 12, 20]), (50, [0, 20])])
 def test_read_rows_follow_the_logging_cadence_between_probes(tmp_path, loaders, every, steps):
-    """The read's own row (weight norms) is written by the reads that hold a step of the logging cadence
-    (steps 9 and 19 with log_every_n_steps=10), as the per-step rows are; reads with heavy-probe results
-    always write it (none here: the probes are off)."""
+    """The read's own row (weight norms) is written at the first read, then by the first read after a
+    step of the logging cadence (steps 9 and 19 with log_every_n_steps=10), as the per-step rows are; the
+    last read's row closes the curve at the end (step 20 with a cadence longer than the run). Reads with
+    heavy-probe results always write it (none here: the probes are off)."""
     mon = gradwatch.HealthMonitor(
         every_n_steps=4, remedies="off", activations=False, inputs=False, update_ratio=False
     )
     t = trainer(tmp_path, [mon], max_steps=23, log_every_n_steps=every)
     t.fit(DigitsMLP(), loaders[0])
     assert [e.step for e in _tb(t.logger.log_dir).Scalars("gradwatch/weight_norm/total")] == steps
+
+
+def test_read_row_after_a_cadence_step_read_by_an_early_stopping_flush(tmp_path, loaders):
+    """Validation flushes what is pending for early stopping; when that flush holds the cadence step
+    (step 22 of a 23-batch epoch with log_every_n_steps=23) it has no weight norms, and the next scheduled
+    read (step 25) writes them. (Step 45 is a scheduled read itself, before that validation.)"""
+    mon = gradwatch.HealthMonitor(
+        every_n_steps=5,
+        per_layer=True,
+        remedies=["early_stop"],
+        activations=False,
+        inputs=False,
+        update_ratio=False,
+    )
+    t = trainer(tmp_path, [mon], max_epochs=3, log_every_n_steps=len(loaders[0]))
+    t.fit(DigitsMLP(), *loaders)
+    n = len(loaders[0])
+    acc = _tb(t.logger.log_dir)
+    for tag in ("gradwatch/weight_norm/total", "gradwatch/grad_norm/net.0"):
+        steps = [e.step for e in acc.Scalars(tag)]
+        for epoch_end in (n - 1, 2 * n - 1):
+            first_read = -(-epoch_end // 5) * 5  # the scheduled read at or after the cadence step
+            assert first_read in steps, (tag, steps)
 
 
 def test_totals_only_by_default(tmp_path, loaders):

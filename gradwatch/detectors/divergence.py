@@ -45,17 +45,21 @@ class Divergence(Detector):
         for rec in stats.steps:
             if rec.loss is None or not math.isfinite(rec.loss):
                 continue
+            if not isinstance(self.recent, list):  # a checkpoint may hand back a tuple
+                self.recent = list(self.recent)
             recent = self.recent
             recent.append(rec.loss)
             if len(recent) > self.window:
-                del recent[0]
+                del recent[: len(recent) - self.window]  # a resumed run may have a smaller window
             elif len(recent) < self.window:
                 continue
             m = statistics.median(recent)
             if math.isnan(self.initial):
                 self.initial = m
             self.best = min(self.best, m)
-            rising = m >= self.factor * self.best and m - self.best >= 0.1 * abs(self.initial)
+            rising = (
+                m > self.best and m >= self.factor * self.best and m - self.best >= 0.1 * abs(self.initial)
+            )
             self.streak = self.streak + 1 if rising else 0
             if (
                 not rising
@@ -71,11 +75,11 @@ class Divergence(Detector):
                     "loss": m,
                     "loss_best": self.best,
                     "loss_initial": self.initial,
-                    "ratio": m / self.best,
+                    "ratio": m / self.best if self.best > 0 else math.inf,
                 }
                 message = (
-                    f"median training loss of the last {self.window} steps rose to {m:.4g}, {m / self.best:.2f}x "
-                    f"its best {self.best:.4g} (initial {self.initial:.4g})"
+                    f"median training loss of the last {self.window} steps rose to {m:.4g}, "
+                    f"{evidence['ratio']:.2f}x its best {self.best:.4g} (initial {self.initial:.4g})"
                 )
                 out += self.report(
                     "diverge", self.finding(severity, rec.step, rec.epoch, None, message, evidence)

@@ -70,8 +70,9 @@ class Overfitting(Detector):
             "gap": gap,
             "validations": float(self.streak),
         }
+        above = f"{v / self.val_best - 1:.0%}" if self.val_best > 0 else "now"
         message = (
-            f"validation loss {v:.4g} is {v / self.val_best - 1:.0%} above its best {self.val_best:.4g} while "
+            f"validation loss {v:.4g} is {above} above its best {self.val_best:.4g} while "
             f"training loss fell to {t:.4g} (from {self.train_at_best:.4g}); gap (val-train)/train = {gap:.2f}"
         )
         return self.report(
