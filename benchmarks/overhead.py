@@ -29,7 +29,8 @@ Peers (skipped with a note when their package is missing):
 - ``grad_norm``: Lightning's ``grad_norm`` utility, ``self.log_dict(grad_norm(self, norm_type=2))`` in
   ``on_before_optimizer_step`` every step, as Lightning's docs show.
 - ``wandb_all_1`` / ``wandb_all_100``: ``wandb.watch(model, log="all", log_freq=1 | 100)``, offline; a
-  ``wandb.log`` commit each step, as a ``WandbLogger`` logging every step would do.
+  ``wandb.log`` commit at the trainer's ``log_every_n_steps`` (50), as a ``WandbLogger`` would make, and
+  every step with ``log_freq=1``, so that every step's histograms are sent.
 - ``act_stats``: fastai-style activation statistics: forward hooks on every leaf module, mean, std and
   near-zero fraction of each output read with ``.item()`` every step.
 - ``hf_debug``: Hugging Face ``transformers.debug_utils.DebugUnderflowOverflow(model)``.
@@ -267,7 +268,9 @@ class NormsFloor(pl.Callback):
 
 
 class WandbWatch(pl.Callback):
-    """``wandb.watch(model, log="all", log_freq=...)`` with a commit every step (offline)."""
+    """``wandb.watch(model, log="all", log_freq=...)`` (offline), committed as a ``WandbLogger`` would:
+    at the trainer's ``log_every_n_steps``, and every ``log_freq`` steps when that is more often (so that
+    ``log_freq=1`` sends every step's histograms)."""
 
     def __init__(self, log_freq: int) -> None:
         self.log_freq = log_freq
@@ -276,11 +279,13 @@ class WandbWatch(pl.Callback):
         import wandb
 
         wandb.watch(pl_module, log="all", log_freq=self.log_freq)
+        self.every = min(self.log_freq, trainer.log_every_n_steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import wandb
 
-        wandb.log({"trainer/global_step": trainer.global_step})
+        if trainer.global_step % self.every == 0:
+            wandb.log({"trainer/global_step": trainer.global_step})
 
     def teardown(self, trainer, pl_module, stage) -> None:
         import wandb
