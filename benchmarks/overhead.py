@@ -1,6 +1,6 @@
 """Step-time overhead of gradwatch, against the bare run and against the tools users would use instead.
 
-    python benchmarks/overhead.py                          # CPU workload: a small CNN on digits (~8 min)
+    python benchmarks/overhead.py                          # CPU workload: a small CNN on digits (~10 min)
     python benchmarks/overhead.py --workload gpt           # GPT-2-small-like, bf16, batch 8x1024 (GPU)
     python benchmarks/overhead.py --workload gpt --tiny    # the GPT code path, tiny, on CPU (smoke test)
     python benchmarks/overhead.py --configs bare default --rounds 9
@@ -268,9 +268,10 @@ class NormsFloor(pl.Callback):
 
 
 class WandbWatch(pl.Callback):
-    """``wandb.watch(model, log="all", log_freq=...)`` (offline), committed as a ``WandbLogger`` would:
-    at the trainer's ``log_every_n_steps``, and every ``log_freq`` steps when that is more often (so that
-    ``log_freq=1`` sends every step's histograms)."""
+    """``wandb.watch(model, log="all", log_freq=...)`` (offline), with a ``wandb.log`` commit every
+    ``min(log_freq, log_every_n_steps)`` steps: at the trainer's logging cadence, as a ``WandbLogger``
+    commits, and more often only when ``log_freq`` asks for it (``log_freq=1`` sends every step's
+    histograms, which need a commit each step)."""
 
     def __init__(self, log_freq: int) -> None:
         self.log_freq = log_freq

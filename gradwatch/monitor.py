@@ -942,12 +942,12 @@ class Monitor:
             # skips decided on device are logged, not escalated: the run is over, and its weights were
             # never touched by them, so rolling back now would only throw training away
             self.flush(across_ranks=status == "finished", escalate=False)
-            if self._tail_row is not None:  # the run's last step closes the TensorBoard curves
-                self._emit_scalars(self._tail_row.step, self._row_values(self._tail_row))
-                self._tail_row = None
-            if self._tail_values is not None:  # and its last read those of the read's own row
+            if self._tail_values is not None:  # the last read closes the curves of the read's own row
                 self._emit_scalars(*self._tail_values)
                 self._tail_values = None
+            if self._tail_row is not None:  # and the run's last step those of the per-step rows
+                self._emit_scalars(self._tail_row.step, self._row_values(self._tail_row))
+                self._tail_row = None
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
             self._rows = []
             log.warning(

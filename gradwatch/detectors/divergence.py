@@ -75,7 +75,7 @@ class Divergence(Detector):
                     "loss": m,
                     "loss_best": self.best,
                     "loss_initial": self.initial,
-                    "ratio": m / self.best if self.best > 0 else math.inf,
+                    "ratio": m / self.best if self.best != 0 else math.inf,
                 }
                 message = (
                     f"median training loss of the last {self.window} steps rose to {m:.4g}, "
