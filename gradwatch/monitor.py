@@ -797,7 +797,10 @@ class Monitor:
         names = layout.names if layout else []
         layers = layout.layers if layout else []
         records = []
-        for r, (loss, gsq, count, first_x_bad, bad, scale, skipped) in zip(rows, host["rows"], strict=True):
+        # Python floats, not NumPy scalars: the loop below does a dozen operations on each
+        for r, (loss, gsq, count, first_x_bad, bad, scale, skipped) in zip(
+            rows, host["rows"].tolist(), strict=True
+        ):
             first_i = round(first_x_bad / bad) if bad > 0 else -1  # ranks agree under DDP: exact
             records.append(
                 StepRecord(
