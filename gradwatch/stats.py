@@ -159,9 +159,7 @@ class Transfer:
             n = tensor.numel()
             out[name] = host[offset : offset + n].reshape(tensor.shape)
             offset += n
-        self._names.clear()
-        self._tensors.clear()
-        self._modes.clear()
+        self._clear()
         return out
 
     def _read_host(self) -> dict[str, np.ndarray]:
@@ -173,7 +171,11 @@ class Transfer:
             )
             for name, t in zip(self._names, self._tensors, strict=True)
         }
+        self._clear()
+        return out
+
+    def _clear(self) -> None:
+        """Empty the queue once it has been read."""
         self._names.clear()
         self._tensors.clear()
         self._modes.clear()
-        return out
