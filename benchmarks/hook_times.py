@@ -3,6 +3,7 @@
     python benchmarks/hook_times.py                     # default config, CPU workload of overhead.py
     python benchmarks/hook_times.py --remedies off      # observing only
     python benchmarks/hook_times.py --steps 600 --split 200
+    python benchmarks/hook_times.py --remedies off --every 100 --measure scheduled
 
 One warm-up fit, then one timed fit of ``--steps`` steps of the CPU workload in ``overhead.py``. Each
 timed part is a method wrapped with ``time.perf_counter``; the table gives microseconds per training
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remedies", default="auto", choices=["auto", "off"])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--split", type=int, default=200)
+    p.add_argument("--every", type=int, default=20, help="every_n_steps (default 20)")
+    p.add_argument("--measure", default="every_step", choices=["every_step", "scheduled"])
+    p.add_argument("--no-probes", action="store_true", help="activations, inputs, update_ratio off")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -100,7 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="gradwatch-hooks-")
 
     cfg = overhead.Config(
-        "gradwatch", lambda: [clock, gradwatch.HealthMonitor(remedies=args.remedies, print_summary=False)], ""
+        "gradwatch",
+        lambda: [
+            clock,
+            gradwatch.HealthMonitor(
+                remedies=args.remedies,
+                every_n_steps=args.every,
+                measure=args.measure,
+                print_summary=False,
+                **({"activations": False, "inputs": False, "update_ratio": False} if args.no_probes else {}),
+            ),
+        ],
+        "",
     )
 
     def fit() -> None:  # the benchmark's own run: same model start, batches and Trainer settings
@@ -110,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     spent.clear()
     fit()
     before, after = args.split, args.steps - args.split
-    print(f"{wl.describe}; HealthMonitor(remedies={args.remedies!r}); us per training step")
+    print(
+        f"{wl.describe}; HealthMonitor(remedies={args.remedies!r}, every_n_steps={args.every}, "
+        f"measure={args.measure!r}{', no heavy probes' if args.no_probes else ''}); us per training step"
+    )
     print(f"{'part':<40}{f'steps 0-{args.split}':>14}{f'steps {args.split}-{args.steps}':>16}")
     totals = [0.0, 0.0]
     for _, _, label in PARTS:

@@ -344,6 +344,30 @@ def configs() -> list[Config]:
             "every_100", lambda: [gw(remedies="off", every_n_steps=100)], "every_n_steps=100, observing only"
         ),
         Config(
+            "scheduled",
+            lambda: [gw(measure="scheduled")],
+            'measure="scheduled": only every 20th step measured; rollback, reduce_lr, reinitialize, early_stop',
+        ),
+        Config(
+            "scheduled_100",
+            lambda: [gw(remedies="off", every_n_steps=100, measure="scheduled")],
+            'measure="scheduled", every_n_steps=100, observing only',
+        ),
+        Config(
+            "scheduled_100_norms",
+            lambda: [
+                gw(
+                    remedies="off",
+                    every_n_steps=100,
+                    measure="scheduled",
+                    activations=False,
+                    inputs=False,
+                    update_ratio=False,
+                )
+            ],
+            "as scheduled_100, gradients and weights only (what wandb.watch looks at)",
+        ),
+        Config(
             "everything_on",
             lambda: [gw(remedies="off", every_n_steps=5, probe_every_n_steps=None, per_layer=True)],
             "per_layer; activations, inputs, update ratio at every read; every 5",
@@ -372,7 +396,9 @@ SAME_FREQUENCY = [
     ("grad_norm", "observe", "every step's gradient norms, observing"),
     ("grad_norm", "default", "every step's gradient norms; gradwatch also repairs"),
     ("wandb_all_1", "every_step", "every step, observing"),
-    ("wandb_all_100", "every_100", "every 100 steps, observing"),
+    ("wandb_all_100", "scheduled_100", "one step in 100 measured, observing"),
+    ("wandb_all_100", "scheduled_100_norms", "one step in 100, gradients and weights, observing"),
+    ("wandb_all_100", "every_100", "every 100 steps; gradwatch still measures every step"),
 ]
 
 

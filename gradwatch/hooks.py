@@ -79,8 +79,15 @@ class HealthMonitorHooks:
             :class:`~gradwatch.remedies.Remedy` objects (e.g. ``[SkipStep(), ReduceLR(factor=0.3)]``).
         every_n_steps: statistics cadence: on every n-th optimizer step gradwatch reads its statistics back
             to the host (one transfer), samples activations and inputs, and runs the detectors. Every
-            step's loss and gradient norm are still recorded, on device. An ``int`` or a ``step -> bool``
-            callable.
+            step's loss and gradient norm are still recorded, on device (unless ``measure="scheduled"``).
+            An ``int`` or a ``step -> bool`` callable.
+        measure: ``"every_step"`` (default): every optimizer step's loss and gradient norm are recorded on
+            device and judged at the next read, and skip_step and clip_gradients act on each step.
+            ``"scheduled"``: only the ``every_n_steps`` steps are measured, like ``wandb.watch``'s
+            ``log_freq``; between them the hooks return at once. The cheapest mode: the rules see one step
+            in n (a NaN or a spike in between shows only through the weights and the loss at the next
+            scheduled step), and skip_step and clip_gradients are not available (``"auto"`` leaves them
+            out; rollback, reduce_lr, reinitialize and early_stop act as usual).
         probe_every_n_steps: the heavy probes (activation hooks, the input range, the weight copy behind
             update ratios) run on every scheduled step of a run's first 200 steps, then on the first
             scheduled step at least this many steps after the last probe. ``None``: on every scheduled
@@ -132,6 +139,7 @@ class HealthMonitorHooks:
         snapshot_every: int | None = None,
         snapshots: int = 2,
         alerts: Iterable[Target] | None = None,
+        measure: str = "every_step",
     ) -> None:
         super().__init__()
         self.monitor = Monitor(
@@ -148,6 +156,7 @@ class HealthMonitorHooks:
             print_summary=print_summary,
             snapshot_every=snapshot_every,
             snapshots=snapshots,
+            measure=measure,
         )
         if val_loss_key is not None and not isinstance(val_loss_key, str):
             from gradwatch.errors import ConfigError
@@ -237,6 +246,8 @@ class HealthMonitorHooks:
         self.monitor.batch_start(trainer.global_step, batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.monitor.pass_over(trainer.global_step, trainer.current_epoch):
+            return  # measure="scheduled", between the scheduled steps
         params = [p for group in optimizer.param_groups for p in group["params"]]
         loss_scale, grads_scaled = amp_view(self._scaler, optimizer)
         self.monitor.before_optimizer_step(
@@ -251,6 +262,9 @@ class HealthMonitorHooks:
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.monitor.passing:  # measure="scheduled", between the scheduled steps: nothing to record
+            self.monitor.batch_end(None)
+            return
         loss = _loss_of(outputs)
         if loss is not None and pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
             # Lightning hands back loss / accumulate_grad_batches: record the micro-batch's own loss

@@ -28,7 +28,7 @@ from torch import nn
 
 from gradwatch.detectors import Detector, default_detectors
 from gradwatch.distributed import MEAN, SUM
-from gradwatch.errors import ConfigError, check_positive_int
+from gradwatch.errors import ConfigError, check_positive_int, did_you_mean
 from gradwatch.findings import Action, Finding
 from gradwatch.probes import ActivationProbe, GradientProbe, ParamLayout, WeightProbe, input_stats
 from gradwatch.probes.activations import FIELDS
@@ -70,6 +70,12 @@ DENSE_PROBE_STEPS = 200
 
 #: With the default ``snapshot_every=None``: the most of the training time rollback snapshots may take.
 AUTO_SNAPSHOT_OVERHEAD = 0.0025
+
+#: ``measure=``: every optimizer step, or only the scheduled ones (see :class:`Monitor`).
+MEASURE_MODES = ("every_step", "scheduled")
+
+#: What looks at every step, and so cannot run with ``measure="scheduled"``.
+PER_STEP_REMEDIES = ("skip_step", "clip_gradients")
 
 #: The per-step row, as sufficient statistics that add up across ranks (see gradwatch.distributed):
 #: first_x_bad is the first non-finite index where bad is 1, else 0; skipped is the GradScaler's skip flag.
@@ -120,9 +126,19 @@ class Monitor:
         print_summary: bool = True,
         snapshot_every: int | None = None,
         snapshots: int = 2,
+        measure: str = "every_step",
     ) -> None:
         self.schedule: Schedule = as_schedule("every_n_steps", every_n_steps, 20)
         self.every_n_steps = every_n_steps
+        if measure not in MEASURE_MODES:
+            raise ConfigError(
+                f"measure must be 'every_step' or 'scheduled', got {measure!r}."
+                f'{did_you_mean(str(measure), MEASURE_MODES)} Write measure="every_step" (the default: every '
+                'step\'s loss and gradient norm) or measure="scheduled" (only the every_n_steps steps).'
+            )
+        self.measure = measure
+        #: False with ``measure="scheduled"``: steps between scheduled ones are passed over, not measured.
+        self.every_step = measure == "every_step"
         self.probe_every_n_steps = (
             None
             if probe_every_n_steps is None
@@ -130,6 +146,17 @@ class Monitor:
         )
         self.remedy_mode = remedies if isinstance(remedies, str) else "custom"
         self.remedies: list[Remedy] = resolve_remedies(remedies)
+        if not self.every_step:
+            if remedies == "auto":  # "auto": every remedy that can act on what is measured
+                self.remedies = [r for r in self.remedies if r.name not in PER_STEP_REMEDIES]
+            per_step = [r.name for r in self.remedies if r.name in PER_STEP_REMEDIES]
+            if per_step:
+                kept = [r.name for r in self.remedies if r.name not in PER_STEP_REMEDIES]
+                raise ConfigError(
+                    f'remedies {per_step} act on every optimizer step, and measure="scheduled" looks at one '
+                    f'step in every_n_steps. Write remedies={kept!r} (or "auto", which leaves them out '
+                    'here), or measure="every_step" to keep them.'
+                )
         if alert_url is not None and (
             not isinstance(alert_url, str) or not alert_url.startswith(("http://", "https://"))
         ):
@@ -183,6 +210,9 @@ class Monitor:
         self._losses: list[torch.Tensor] = []
         self._loss_n = 0
         self._probed_step: int | None = None
+        #: measure="scheduled": True from :meth:`pass_over` to :meth:`batch_end` of a step passed over.
+        self.passing = False
+        self._unscheduled = -1  # measure="scheduled": the last step batch_start found unscheduled
         self._last_probe: int | None = None  # the last probe step (see probing)
         self._probe_memo: tuple[int, bool] = (-1, False)  # (step, decision): asked twice per step
         self._tail_row: StepRecord | None = None  # the last step's row, if not written yet
@@ -275,7 +305,7 @@ class Monitor:
         self._probed_step = None
         self._last_probe, self._probe_memo, self._tail_row = None, (-1, False), None
         self._tail_values, self._read_row_due = None, True
-        self._row = None
+        self._row, self.passing, self._unscheduled = None, False, -1
         self._rows, self._clips, self._step_actions = [], [], []
         self._losses, self._loss_n = [], 0
 
@@ -310,10 +340,27 @@ class Monitor:
             self._probe_memo = (step, due)
         return due
 
+    def pass_over(self, step: int, epoch: int) -> bool:
+        """With ``measure="scheduled"``: whether optimizer step ``step`` goes unmeasured (it is not a
+        scheduled step); if so, nothing of it is kept, and :meth:`batch_end` drops its losses. Always
+        ``False`` with ``measure="every_step"``. Adapters ask before collecting the step's parameters."""
+        if self.passing:  # a second optimizer of a step passed over
+            return True
+        if self.every_step or self._row is not None or (step != self._unscheduled and self.schedule(step)):
+            return False
+        self.passing = True
+        if step > self.last_step:  # the summary counts every step, measured or not
+            self.last_step, self.last_epoch = step, epoch
+        return True
+
     def batch_start(self, step: int, batch: Any) -> None:
         """Before the forward: keep the buffers for skip_step; on a probe step's first batch, attach
         activation hooks and read inputs."""
-        if self.context is not None:
+        if not self.every_step:  # measure="scheduled": nothing to prepare between the scheduled steps
+            if not self.schedule(step):
+                self._unscheduled = step
+                return
+        elif self.context is not None:
             if self.skip is not None and self._loss_n == 0 and self._row is None:
                 self.skip.save_buffers()  # the first batch of an optimizer step
         if not self.probing(step) or self._probed_step == step:
@@ -341,7 +388,7 @@ class Monitor:
         ``loss_scale`` is the AMP GradScaler's scale tensor, if any; ``grads_scaled`` says the gradients are
         still multiplied by it (an optimizer that unscales inside ``step``), so norms are divided by it.
         """
-        if self._grads is None:
+        if self._grads is None or self.pass_over(step, epoch):
             return
         first_call = self._row is None
         # a second optimizer in the same batch (manual optimization) belongs to the first one's step
@@ -378,6 +425,10 @@ class Monitor:
         ``loss_scale`` is the GradScaler's scale tensor after the step: lower than before means the scaler
         found an Inf/NaN gradient and skipped the step (compared on device, no read).
         """
+        if self.passing:  # measure="scheduled", a step between the scheduled ones: nothing is kept
+            self.passing = False
+            self._losses, self._loss_n = [], 0
+            return []
         if self._acts is not None and self._acts.attached:
             self._acts.detach()
             names, kinds, acts = self._acts.collect()
@@ -856,7 +907,7 @@ class Monitor:
         queue and its pure-Python CRC; docs/performance.md), the same cadence Lightning gives the user's
         own ``self.log`` calls. Every step still reaches the detectors.
         """
-        every = self.log_every_n_steps
+        every = self.log_every_n_steps if self.every_step else 1  # "scheduled": every row measured is written
         self._tail_row = None
         if notable or any((rec.step + 1) % every == 0 for rec in stats.steps):
             self._read_row_due = True

@@ -118,7 +118,7 @@ class Watch:
         tensorboard: write TensorBoard event files in ``log_dir`` (a ``SummaryWriter``), or write through
             a ``SummaryWriter`` you pass here.
         per_layer, activations, inputs, update_ratio, detectors, print_summary, snapshot_every, snapshots,
-            alert_url, alerts, name: as for ``HealthMonitor`` (``name`` names the run in alerts).
+            alert_url, alerts, name, measure: as for ``HealthMonitor`` (``name`` names the run in alerts).
 
     Raises:
         ConfigError: on any bad argument, with what to write instead.
@@ -161,6 +161,7 @@ class Watch:
         alert_url: str | None = None,
         alerts: Iterable[Target] | None = None,
         name: str | None = None,
+        measure: str = "every_step",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(
@@ -211,6 +212,7 @@ class Watch:
             print_summary=print_summary,
             snapshot_every=snapshot_every,
             snapshots=snapshots,
+            measure=measure,
         )
         self.monitor.log_every_n_steps = check_positive_int("log_every_n_steps", log_every_n_steps, 50)
         alert_targets = check_targets(alert_url, alerts)

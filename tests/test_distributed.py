@@ -33,11 +33,18 @@ def _script():
     return module
 
 
-def _ddp(out, remedies: str):
+def _ddp(out, remedies: str, measure: str = "every_step"):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "scripts", "ddp_fit.py"), str(out), str(NAN_STEP), remedies],
+        [
+            sys.executable,
+            os.path.join(HERE, "scripts", "ddp_fit.py"),
+            str(out),
+            str(NAN_STEP),
+            remedies,
+            measure,
+        ],
         env=env,
         cwd=str(out),
         capture_output=True,
@@ -64,6 +71,18 @@ def test_ddp_nan_on_one_rank_makes_every_rank_skip(tmp_path):
         for r in ranks
     ]
     assert skips[0] == skips[1] == [(NAN_STEP, "skipped")]
+    assert ranks[0]["weights"] == ranks[1]["weights"] and all(math.isfinite(w) for w in ranks[0]["weights"])
+
+
+def test_ddp_scheduled_measure_rolls_back_on_every_rank_alike(tmp_path):
+    """measure="scheduled", every 2nd step: rank 1's NaN batch at step 3 (unmeasured) poisons both ranks'
+    weights through the averaged gradient; both find it at step 4 and roll back together."""
+    _, ranks, _ = _ddp(tmp_path, "auto", "scheduled")
+    for r in ranks:
+        measured = dict.fromkeys(s["step"] for read in r["reads"] for s in read["steps"])
+        assert list(measured) == [0, 2, 4]  # each batch end keeps the last read: the same one between reads
+        assert {(f["rule"], f["step"]) for f in r["findings"]} == {("nonfinite", NAN_STEP + 1)}
+        assert [(a["remedy"], a["step"]) for a in r["actions"]] == [("rollback", NAN_STEP + 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"] and all(math.isfinite(w) for w in ranks[0]["weights"])
 
 

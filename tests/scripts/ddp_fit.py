@@ -1,6 +1,7 @@
 """A 2-process DDP fit on CPU (gloo), run by ``tests/test_distributed.py`` through Lightning's script launcher.
 
-Usage: ``python ddp_fit.py OUT_DIR NAN_STEP [REMEDIES]`` (REMEDIES: ``off``, the default, or ``auto``). Rank r trains on samples r, r+2, r+4, ... of the digits (no
+Usage: ``python ddp_fit.py OUT_DIR NAN_STEP [REMEDIES [MEASURE]]`` (REMEDIES: ``off``, the default, or
+``auto``; MEASURE: ``every_step``, the default, reading every step, or ``scheduled``, every 2nd step). Rank r trains on samples r, r+2, r+4, ... of the digits (no
 shuffling), so the two ranks' batches at step k together are samples [2Bk, 2B(k+1)) -- the batch a single
 process would see. At ``NAN_STEP`` rank 1 only gets a NaN batch. Each rank writes what gradwatch judged to
 ``OUT_DIR/rank<r>.json``; gradwatch itself writes its events file and TensorBoard curves under OUT_DIR.
@@ -32,7 +33,7 @@ def digits():
     return torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y, dtype=torch.long)
 
 
-def main(out_dir: str, nan_step: int, remedies: str = "off") -> None:
+def main(out_dir: str, nan_step: int, remedies: str = "off", measure: str = "every_step") -> None:
     import pytorch_lightning as pl
     import torch
     import torch.nn.functional as F
@@ -63,7 +64,10 @@ def main(out_dir: str, nan_step: int, remedies: str = "off") -> None:
             return DataLoader(TensorDataset(x[:n][r::2], y[:n][r::2]), batch_size=BATCH, shuffle=False)
 
     mon = gradwatch.HealthMonitor(
-        every_n_steps=1, remedies=remedies, events_path=os.path.join(out_dir, "events.jsonl")
+        every_n_steps=1 if measure == "every_step" else 2,
+        remedies=remedies,
+        measure=measure,
+        events_path=os.path.join(out_dir, "events.jsonl"),
     )
     seen: list[dict] = []
 
