@@ -190,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         if rnd:
             print(f"round {rnd}: " + "  ".join(f"{n} {v[-1]:.0f}" for n, v in spent.items()), flush=True)
     print(f"\n{wl.describe}; direct us per step, steps {args.warmup}-{args.warmup + args.steps}")
-    print(f"{'config':<16}{'median':>9}{'min':>9}{'max':>9}  what")
+    print(f"{'config':<20}{'median':>9}{'min':>9}{'max':>9}  what")
     med = {}
     for cfg in chosen:
         v = spent[cfg.name]
         med[cfg.name] = statistics.median(v)
-        print(f"{cfg.name:<16}{med[cfg.name]:>9.1f}{min(v):>9.1f}{max(v):>9.1f}  {cfg.what}")
+        print(f"{cfg.name:<20}{med[cfg.name]:>9.1f}{min(v):>9.1f}{max(v):>9.1f}  {cfg.what}")
     pairs = [q for q in overhead.SAME_FREQUENCY if q[0] in med and q[1] in med]
     if pairs:
         print(

@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     show_cpu = wl.trainer_kw.get("accelerator") == "cpu"  # on a GPU the host CPU time says little
     cpu_bare = statistics.median(cpu_times["bare"])
     print()
-    head = f"{'config':<15}{'ms/step':>9}{'ratio':>8}{'paired':>8}{'min':>8}{'max':>8}"
+    head = f"{'config':<20}{'ms/step':>9}{'ratio':>8}{'paired':>8}{'min':>8}{'max':>8}"
     head += f"{'early':>8}" if early else ""
     head += f"{'cpu':>8}" if show_cpu else ""
     print(head + (f"{'peak MiB':>10}" if show_mem else "") + "  what")
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         ts = times[cfg.name]
         med = statistics.median(ts)
         paired = statistics.median(a / b for a, b in zip(ts, times["bare"], strict=True))
-        row = f"{cfg.name:<15}{med * 1e3:>9.2f}{med / bare:>7.2f}x{paired:>7.2f}x{min(ts) * 1e3:>8.2f}{max(ts) * 1e3:>8.2f}"
+        row = f"{cfg.name:<20}{med * 1e3:>9.2f}{med / bare:>7.2f}x{paired:>7.2f}x{min(ts) * 1e3:>8.2f}{max(ts) * 1e3:>8.2f}"
         if early:
             row += (
                 f"{statistics.median(early_times[cfg.name]) / statistics.median(early_times['bare']):>7.2f}x"
