@@ -210,9 +210,11 @@ class Monitor:
         self._losses: list[torch.Tensor] = []
         self._loss_n = 0
         self._probed_step: int | None = None
-        #: measure="scheduled": True from :meth:`pass_over` to :meth:`batch_end` of a step passed over.
+        #: measure="scheduled": True while a batch, or an optimizer step, is passed over (not measured),
+        #: from :meth:`batch_start` (or :meth:`pass_over`) to the :meth:`batch_end` that ends its step.
         self.passing = False
-        self._unscheduled = -1  # measure="scheduled": the last step batch_start found unscheduled
+        self._passed: tuple[int, int] | None = None  # (step, epoch) of the optimizer step passed over
+        self._sched_memo: tuple[int, bool] = (-1, False)  # (step, the schedule's answer): asked once a step
         self._last_probe: int | None = None  # the last probe step (see probing)
         self._probe_memo: tuple[int, bool] = (-1, False)  # (step, decision): asked twice per step
         self._tail_row: StepRecord | None = None  # the last step's row, if not written yet
@@ -305,7 +307,7 @@ class Monitor:
         self._probed_step = None
         self._last_probe, self._probe_memo, self._tail_row = None, (-1, False), None
         self._tail_values, self._read_row_due = None, True
-        self._row, self.passing, self._unscheduled = None, False, -1
+        self._row, self.passing, self._passed, self._sched_memo = None, False, None, (-1, False)
         self._rows, self._clips, self._step_actions = [], [], []
         self._losses, self._loss_n = [], 0
 
@@ -320,6 +322,15 @@ class Monitor:
         return self._acts is not None and self._acts.attached
 
     # ------------------------------------------------------------------ per step
+    def scheduled(self, step: int) -> bool:
+        """Whether ``step`` is a scheduled step. The schedule is asked once per step, so that every hook of
+        a step sees the same answer, whatever the callable does when asked again."""
+        memo_step, due = self._sched_memo
+        if memo_step != step:
+            due = bool(self.schedule(step))
+            self._sched_memo = (step, due)
+        return due
+
     def probing(self, step: int) -> bool:
         """Whether the heavy probes (activation hooks, input range, the weight copy for update ratios) run
         at ``step``: on every scheduled step of the first :data:`DENSE_PROBE_STEPS` steps, where
@@ -329,7 +340,7 @@ class Monitor:
         memo_step, due = self._probe_memo
         if memo_step != step:
             every = self.probe_every_n_steps
-            due = self.schedule(step) and (
+            due = self.scheduled(step) and (
                 every is None
                 or step < DENSE_PROBE_STEPS
                 or self._last_probe is None
@@ -344,21 +355,21 @@ class Monitor:
         """With ``measure="scheduled"``: whether optimizer step ``step`` goes unmeasured (it is not a
         scheduled step); if so, nothing of it is kept, and :meth:`batch_end` drops its losses. Always
         ``False`` with ``measure="every_step"``. Adapters ask before collecting the step's parameters."""
-        if self.passing:  # a second optimizer of a step passed over
-            return True
-        if self.every_step or self._row is not None or (step != self._unscheduled and self.schedule(step)):
+        if self.every_step or self._row is not None:
+            return False
+        if not self.passing and self.scheduled(step):
             return False
         self.passing = True
-        if step > self.last_step:  # the summary counts every step, measured or not
-            self.last_step, self.last_epoch = step, epoch
+        if self._passed is None:  # not a second optimizer of the step: the step counted at its batch end
+            self._passed = (step, epoch)
         return True
 
     def batch_start(self, step: int, batch: Any) -> None:
         """Before the forward: keep the buffers for skip_step; on a probe step's first batch, attach
         activation hooks and read inputs."""
         if not self.every_step:  # measure="scheduled": nothing to prepare between the scheduled steps
-            if not self.schedule(step):
-                self._unscheduled = step
+            self.passing = not self.scheduled(step)
+            if self.passing:
                 return
         elif self.context is not None:
             if self.skip is not None and self._loss_n == 0 and self._row is None:
@@ -392,7 +403,7 @@ class Monitor:
             return
         first_call = self._row is None
         # a second optimizer in the same batch (manual optimization) belongs to the first one's step
-        scheduled = self.schedule(step if first_call else self._row["step"])
+        scheduled = self.scheduled(step if first_call else self._row["step"])
         measured = self._grads.measure_raw(params, per_layer=scheduled)
         if first_call:
             self._row = {"step": step, "epoch": epoch, "lr": lr}
@@ -426,9 +437,11 @@ class Monitor:
         found an Inf/NaN gradient and skipped the step (compared on device, no read).
         """
         if self.passing:  # measure="scheduled", a step between the scheduled ones: nothing is kept
-            self.passing = False
-            self._losses, self._loss_n = [], 0
-            return []
+            if self._passed is not None:  # its optimizer step ran: the step ends here
+                self.last_step, self.last_epoch = self._passed  # the summary counts every step
+                self.passing, self._passed = False, None
+                self._losses, self._loss_n = [], 0
+            return []  # else an earlier micro-batch of the step: still passing
         if self._acts is not None and self._acts.attached:
             self._acts.detach()
             names, kinds, acts = self._acts.collect()
@@ -463,13 +476,14 @@ class Monitor:
         if self.clip is not None:
             self._clips.append(row.get("clip", 1.0))  # a host float, or a device scalar (sync-free clipping)
         self._losses, self._loss_n = [], 0
-        if self.schedule(row["step"]) or len(self._rows) >= MAX_PENDING_ROWS or self._step_actions:
+        if self.scheduled(row["step"]) or len(self._rows) >= MAX_PENDING_ROWS or self._step_actions:
             return self.flush()
         return []
 
     def validation_end(self, step: int, val_loss: float | None) -> None:
         """Validation after optimizer step ``step``: kept for the best weights, and judged at once when
-        early stopping can act on it (a read of what is pending), else at the next read."""
+        early stopping can act on it (a read of what is pending, or the validation alone when nothing is
+        pending), else at the next read. On every rank alike: the adapter reduces the value."""
         if val_loss is None:
             return
         self._val_loss = val_loss
@@ -477,7 +491,18 @@ class Monitor:
         if self.early_stop is not None and self.context is not None:
             if math.isfinite(val_loss):
                 self.best.offer(step, val_loss, self.context.model)
-            self.flush()  # on every rank alike (the value is the same on every rank: the adapter reduces it)
+            if self._rows:
+                self.flush()
+            else:  # just after a read (always, with measure="scheduled"): the validation on its own
+                self._judge_validation(step)
+
+    def _judge_validation(self, step: int) -> None:
+        """Run the rules early stopping answers on this validation alone (no step rows), and respond."""
+        stats = Stats(step=step, epoch=self.last_epoch, steps=[], val_loss=self._val_loss)
+        self._val_loss = None
+        new = [f for d in self.detectors if d.rule in EarlyStop.answers for f in d.check(stats.step, stats)]
+        self._publish(new)
+        self._respond(new)
 
     # ------------------------------------------------------------------ read, judge, act, write
     def flush(
@@ -515,7 +540,7 @@ class Monitor:
             )
             transfer.add("clips", coefs, MEAN)
         last = rows[-1]
-        scheduled = self.schedule(last.step) and self._layout is not None
+        scheduled = self.scheduled(last.step) and self._layout is not None
         if scheduled:
             w_sq, w_bad, update = self._weights.measure()  # after the step: weights as updated
             transfer.add("weight_sq", w_sq, shard)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from models import DigitsMLP, digits_loaders, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, Subset
 
 import gradwatch
+from gradwatch.detectors.overfitting import Overfitting
 from gradwatch.errors import ConfigError
+from gradwatch.sinks import read_events
 
 ROW_TAGS = ("gradwatch/grad_norm/total", "gradwatch/loss/train", "gradwatch/lr")
 
@@ -84,16 +88,91 @@ class _CountedMonitor(gradwatch.HealthMonitor):
         self._counted(super().on_train_batch_end, trainer, *args)
 
 
-def test_steps_between_the_scheduled_ones_cost_no_tensor_op(tmp_path, loaders):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_steps_between_the_scheduled_ones_cost_no_tensor_op(tmp_path, loaders, accumulate):
     mon = _CountedMonitor(every_n_steps=10, measure="scheduled")
-    t = trainer(tmp_path, [mon], max_steps=30, max_epochs=2)
+    t = trainer(tmp_path, [mon], max_steps=30, max_epochs=4, accumulate_grad_batches=accumulate)
     t.fit(DigitsMLP(), *loaders)
     assert sorted(mon.ops) == list(range(30))
     for step, ops in mon.ops.items():
         if step % 10:
-            assert ops == [], (step, ops[:5])  # not even the loss's detach
+            assert ops == [], (step, ops[:5])  # not even the loss's detach, in any micro-batch
         else:
             assert ops, step  # measured: the norms, the read
+
+
+def test_the_schedule_is_asked_once_per_step(tmp_path, loaders):
+    """A callable schedule that changes its answer when asked again (a random one, say): every hook of a
+    step sees its first answer, so no probe is left attached and nothing is filed under another step."""
+    asked: dict[int, int] = {}
+
+    def schedule(step: int) -> bool:
+        asked[step] = asked.get(step, 0) + 1
+        return asked[step] == 1 if step == 5 else step % 10 == 0  # at step 5: True, then False
+
+    mon = _CountedMonitor(every_n_steps=schedule, measure="scheduled", remedies="off")
+    t = trainer(tmp_path, [mon], max_steps=12, log_every_n_steps=1)
+    t.fit(DigitsMLP(), *loaders)
+    assert asked[5] == 1
+    assert sorted(_rows(t.logger.log_dir)["gradwatch/grad_norm/total"]) == [0, 5, 10]
+    assert not mon.monitor.hooks_attached
+    assert all(mon.ops[step] == [] for step in (1, 2, 3, 4, 6, 7, 8, 9, 11))
+
+
+class _FailsAt7(DigitsMLP):
+    def on_before_optimizer_step(self, optimizer):  # after the callbacks' hook, before the optimizer steps
+        if self.global_step == 7:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("measure", ["every_step", "scheduled"])
+def test_the_summary_counts_the_steps_that_ran(tmp_path, loaders, measure):
+    mon = gradwatch.HealthMonitor(every_n_steps=5, measure=measure, remedies="off", print_summary=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path / "a", [mon], max_steps=20).fit(_FailsAt7(), *loaders)
+    summary = [e for e in read_events(mon.events_path) if e["kind"] == "summary"][-1]
+    assert (summary["status"], summary["steps"]) == ("failed", 7)  # steps 0-6; step 7 never stepped
+    trainer(tmp_path / "b", [mon], max_steps=23).fit(DigitsMLP(), *loaders)
+    trainer(tmp_path / "c", [mon], max_steps=5).fit(DigitsMLP(), *loaders)  # the same callback again
+    summary = [e for e in read_events(mon.events_path) if e["kind"] == "summary"][-1]
+    assert summary["steps"] == 5
+
+
+class _Judged(Overfitting):
+    """The real rule, counting the validations it judges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.judged: list[int] = []
+
+    def check(self, step, stats):
+        if stats.val_loss is not None:
+            self.judged.append(step)
+        return super().check(step, stats)
+
+
+class _Validations(pl.Callback):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_validation_end(self, trainer, pl_module):
+        self.count += 0 if trainer.sanity_checking else 1
+
+
+@pytest.mark.parametrize("measure", ["every_step", "scheduled"])
+def test_early_stopping_judges_every_validation(tmp_path, measure):
+    """Validation after every step (one batch an epoch): each one is judged as it comes, also when no step
+    is pending (right after a read, and always with measure="scheduled"), and early stopping acts."""
+    torch.manual_seed(0)
+    train, val = digits_loaders()
+    train = DataLoader(Subset(train.dataset, range(64)), batch_size=64)
+    rule, seen = _Judged(), _Validations()
+    mon = gradwatch.HealthMonitor(every_n_steps=10, measure=measure, detectors=[rule], print_summary=False)
+    t = trainer(tmp_path, [mon, seen], max_epochs=150, logger=False)
+    t.fit(DigitsMLP(hidden=(256, 256), optimizer="adam", lr=3e-3), train, val)
+    assert len(rule.judged) == seen.count > 10
+    assert [a.remedy for a in mon.actions] == ["early_stop"]
+    assert t.should_stop and t.current_epoch < 149
 
 
 def test_auto_leaves_out_the_per_step_remedies_and_a_list_naming_them_is_refused():
