@@ -876,8 +876,8 @@ class Monitor:
         # Python floats, not NumPy scalars: the loop below does a dozen operations on each
         for r, (loss, gsq, count, first_x_bad, bad, scale, skipped) in zip(
             rows,
-            host["rows"].tolist(),
-            strict=True,  # sync: none, a NumPy array already on the host
+            host["rows"].tolist(),  # sync: none, a NumPy array already on the host
+            strict=True,
         ):
             first_i = round(first_x_bad / bad) if bad > 0 else -1  # ranks agree under DDP: exact
             records.append(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from models import DigitsMLP, digits_loaders, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_syncs import CountedMonitor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Subset
 
@@ -55,37 +56,25 @@ def test_scheduled_steps_carry_the_numbers_every_step_gives(tmp_path, accumulate
 
 
 class _OpCounter(TorchDispatchMode):
+    """Every tensor op while active, not only host syncs."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
-class _CountedMonitor(gradwatch.HealthMonitor):
+class _CountedMonitor(CountedMonitor):
     """The real callback; the tensor ops its per-step hooks run, by optimizer step."""
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.ops: dict[int, list[str]] = {}
-        self.step = 0
-
-    def _counted(self, hook, trainer, *args):
-        with _OpCounter() as c:
-            hook(trainer, *args)
-        self.ops.setdefault(self.step, []).extend(c.ops)
-
-    def on_train_batch_start(self, trainer, *args):
-        self.step = trainer.global_step
-        self._counted(super().on_train_batch_start, trainer, *args)
-
-    def on_before_optimizer_step(self, trainer, *args):
-        self._counted(super().on_before_optimizer_step, trainer, *args)
-
-    def on_train_batch_end(self, trainer, *args):
-        self._counted(super().on_train_batch_end, trainer, *args)
+    counter = _OpCounter
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])

@@ -25,22 +25,26 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 class CountedMonitor(gradwatch.HealthMonitor):
-    """The real callback, with each per-step hook run under a sync counter.
+    """The real callback, with each per-step hook run under a counter (:attr:`counter`: host syncs).
 
-    Counts are keyed by the optimizer step the batch runs (``global_step`` at the batch's start; Lightning
-    has already advanced it when ``on_train_batch_end`` runs).
+    Counts (and the ops counted) are keyed by the optimizer step the batch runs (``global_step`` at the
+    batch's start; Lightning has already advanced it when ``on_train_batch_end`` runs).
     """
+
+    counter = SyncCounter
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.syncs: dict[int, int] = {}
+        self.ops: dict[int, list[str]] = {}
         self.step: int | None = None
 
     def _counted(self, hook, trainer, *args):
         step = self.step
-        with SyncCounter() as c:
+        with self.counter() as c:
             hook(trainer, *args)
         self.syncs[step] = self.syncs.get(step, 0) + c.count
+        self.ops.setdefault(step, []).extend(c.ops)
 
     def on_train_batch_start(self, trainer, *args):
         self.step = trainer.global_step
