@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -223,6 +223,7 @@ class Monitor:
         self._snap = Transfer()
         self._snap_meta: dict[str, Any] = {}
         self._val_loss: float | None = None
+        self._val_judged = False  # early stopping's rules judged _val_loss already (_judge_validation)
         #: The training setup (precision, scaler, accumulation, strategy, ...): set by the adapter at fit
         #: start (gradwatch.setups.describe_setup), written in the summary under "setup".
         self.setup: dict[str, Any] = {}
@@ -486,7 +487,7 @@ class Monitor:
         pending), else at the next read. On every rank alike: the adapter reduces the value."""
         if val_loss is None:
             return
-        self._val_loss = val_loss
+        self._val_loss, self._val_judged = val_loss, False
         self._emit_scalars(step, {"gradwatch/loss/val": val_loss})
         if self.early_stop is not None and self.context is not None:
             if math.isfinite(val_loss):
@@ -497,11 +498,14 @@ class Monitor:
                 self._judge_validation(step)
 
     def _judge_validation(self, step: int) -> None:
-        """Run the rules early stopping answers on this validation alone (no step rows), and respond."""
+        """Run the rules early stopping answers on this validation alone (no step rows), and respond. The
+        other rules still see the validation at the next read; these ones are not shown it twice."""
         stats = Stats(step=step, epoch=self.last_epoch, steps=[], val_loss=self._val_loss)
-        self._val_loss = None
+        self._val_judged = True
         new = [f for d in self.detectors if d.rule in EarlyStop.answers for f in d.check(stats.step, stats)]
         self._publish(new)
+        if new:  # a finding makes its step notable: the rows the last read kept back are written now
+            self._emit_tail()
         self._respond(new)
 
     # ------------------------------------------------------------------ read, judge, act, write
@@ -553,8 +557,10 @@ class Monitor:
         self.steps_seen += len(rows)
         self.last_step, self.last_epoch = last.step, last.epoch
         new: list[Finding] = []
+        judged, self._val_judged = self._val_judged, False
+        seen = replace(stats, val_loss=None) if judged else stats  # judged at once: not a second time
         for detector in self.detectors:
-            new.extend(detector.check(stats.step, stats))
+            new.extend(detector.check(stats.step, seen if detector.rule in EarlyStop.answers else stats))
         self._publish(new)  # before an escalation's own finding, which comes from a step after them
         restored = self.skip is not None and self._tally_device_skips(
             rows, stats, escalate=respond and escalate
@@ -1007,6 +1013,15 @@ class Monitor:
         r = self.ranges.setdefault(name, {"first": finite[0], "min": low, "max": high, "last": finite[-1]})
         r["min"], r["max"], r["last"] = min(r["min"], low), max(r["max"], high), finite[-1]
 
+    def _emit_tail(self) -> None:
+        """Write the rows the last read kept back: its own row (weight norms, ...), then its last step's."""
+        if self._tail_values is not None:
+            self._emit_scalars(*self._tail_values)
+            self._tail_values, self._read_row_due = None, False
+        if self._tail_row is not None:
+            self._emit_scalars(self._tail_row.step, self._row_values(self._tail_row))
+            self._tail_row = None
+
     def _emit_scalars(self, step: int, values: dict[str, float]) -> None:
         for sink in self.sinks:
             sink.scalars(step, values)
@@ -1023,12 +1038,7 @@ class Monitor:
             # skips decided on device are logged, not escalated: the run is over, and its weights were
             # never touched by them, so rolling back now would only throw training away
             self.flush(across_ranks=status == "finished", escalate=False)
-            if self._tail_values is not None:  # the last read closes the curves of the read's own row
-                self._emit_scalars(*self._tail_values)
-                self._tail_values = None
-            if self._tail_row is not None:  # and the run's last step those of the per-step rows
-                self._emit_scalars(self._tail_row.step, self._row_values(self._tail_row))
-                self._tail_row = None
+            self._emit_tail()  # the last read and the run's last step close the curves
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
             self._rows = []
             log.warning(

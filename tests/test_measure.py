@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Subset
 
 import gradwatch
+from gradwatch.detectors import Detector, default_detectors
 from gradwatch.detectors.overfitting import Overfitting
 from gradwatch.errors import ConfigError
 from gradwatch.sinks import read_events
@@ -226,3 +227,68 @@ def test_two_optimizers_stepped_by_hand_are_passed_over_together(tmp_path):
     assert sorted(rows["scheduled"]) == [0, 4, 8, 12]
     for step, value in rows["scheduled"].items():
         assert value == pytest.approx(rows["every_step"][step], rel=1e-6)
+
+
+class _ValSeen(Detector):
+    """A user's rule that reads the validation loss (no rule id: it is not registered among the defaults)."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def check(self, step, stats):
+        if stats.val_loss is not None:
+            self.seen.append(stats.val_loss)
+        return []
+
+
+def _digits_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = next(iter(digits_loaders()[0]))
+    return x, y
+
+
+@pytest.mark.parametrize(("measure", "seen"), [("every_step", 8), ("scheduled", 7)])
+def test_other_rules_still_see_a_validation_early_stopping_judged_at_once(measure, seen):
+    """Early stopping judges a validation that comes right after a read at once; every other rule still
+    sees it at the next read (with measure="scheduled" the last one is still pending when the loop ends)."""
+    torch.manual_seed(0)
+    x, y = _digits_batch()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rule = _ValSeen()
+    watch = gradwatch.Watch(
+        model, opt, every_n_steps=5, measure=measure, detectors=[*default_detectors(), rule]
+    )
+    fed = 0
+    for step in range(40):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        watch.step(loss)
+        if step % 5 == 0:  # right after each read
+            watch.validation(loss.item())
+            fed += 1
+    watch.close()
+    assert fed == 8 and len(rule.seen) == seen
+
+
+def test_a_finding_from_a_validation_judged_alone_has_its_tensorboard_row(tmp_path):
+    """The read before the validation kept its last step's row back (off the logging cadence); the
+    overfitting finding at that step makes it notable, so the row is written, as at a read."""
+    torch.manual_seed(0)
+    x, y = _digits_batch()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    watch = gradwatch.Watch(model, opt, every_n_steps=2, log_dir=str(tmp_path), print_summary=False)
+    vals = [3.0, 2.0, 1.0, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]  # best at the third, then rising
+    for step in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        watch.step(loss)
+        if step % 2 == 0 and step // 2 < len(vals):
+            watch.validation(vals[step // 2])  # the loop goes on after a stop request (as min_epochs)
+    watch.close()
+    found = [f.step for f in watch.findings if f.rule == "overfitting" and f.severity == "warning"]
+    assert found
+    rows = _rows(str(tmp_path))["gradwatch/grad_norm/total"]
+    assert set(found) <= set(rows), (found, sorted(rows))
