@@ -13,9 +13,9 @@ class EarlyStop(Remedy):
 
     Answers ``overfitting``, judged at each validation as it comes (with what is pending of the steps
     before it, or on its own right after a read; the other rules then see that validation at the next
-    read). It is also what the monitor does when a critical
-    condition persists after every remedy that answers it has spent its budget: then it stops with a
-    critical finding that lists what was tried (:meth:`give_up`).
+    read). It is also what the monitor does when a critical condition persists after every remedy that
+    answers it has spent its budget: then it stops with a critical finding that lists what was tried
+    (:meth:`give_up`).
     """
 
     name = "early_stop"
