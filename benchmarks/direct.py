@@ -64,7 +64,7 @@ REGISTRATIONS = (
     (torch.optim.Optimizer, "register_step_post_hook"),
 )
 
-#: (peer, gradwatch config): the pairs compared (as in overhead.SAME_FREQUENCY).
+#: What runs without --configs: these gradwatch configs and the peers, paired as overhead.SAME_FREQUENCY.
 DEFAULT_CONFIGS = [
     "default",
     "observe",

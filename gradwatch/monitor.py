@@ -4,7 +4,8 @@
 
 - :meth:`Monitor.bind` once a model exists, :meth:`Monitor.unbind` when the run ends (or fails);
 - :meth:`Monitor.batch_start` before each training batch's forward;
-- :meth:`Monitor.before_optimizer_step` with the optimizer about to step (gradients final);
+- :meth:`Monitor.pass_over` first, then (unless it says the step is passed over)
+  :meth:`Monitor.before_optimizer_step` with the optimizer about to step (gradients final);
 - :meth:`Monitor.batch_end` after the batch (and its optimizer step, if any);
 - :meth:`Monitor.validation_end` with the validation loss;
 - :meth:`Monitor.finish` at the end, which flushes and writes the summary.
@@ -354,8 +355,9 @@ class Monitor:
 
     def pass_over(self, step: int, epoch: int) -> bool:
         """With ``measure="scheduled"``: whether optimizer step ``step`` goes unmeasured (it is not a
-        scheduled step); if so, nothing of it is kept, and :meth:`batch_end` drops its losses. Always
-        ``False`` with ``measure="every_step"``. Adapters ask before collecting the step's parameters."""
+        scheduled step); if so, nothing of it is kept until its :meth:`batch_end`. Always ``False`` with
+        ``measure="every_step"``. Adapters ask once per optimizer, before collecting the step's
+        parameters, and call :meth:`before_optimizer_step` only when it says ``False``."""
         if self.every_step or self._row is not None:
             return False
         if not self.passing and self.scheduled(step):
@@ -400,7 +402,7 @@ class Monitor:
         ``loss_scale`` is the AMP GradScaler's scale tensor, if any; ``grads_scaled`` says the gradients are
         still multiplied by it (an optimizer that unscales inside ``step``), so norms are divided by it.
         """
-        if self._grads is None or self.pass_over(step, epoch):
+        if self._grads is None:
             return
         first_call = self._row is None
         # a second optimizer in the same batch (manual optimization) belongs to the first one's step

@@ -347,15 +347,18 @@ class Watch:
                     if "already been called" not in str(err):
                         raise
         step = self.global_step
-        params = [p for opt in self._raw_optimizers for group in opt.param_groups for p in group["params"]]
-        self.monitor.before_optimizer_step(
-            step,
-            self.epoch,
-            params,
-            _lr_of(self._raw_optimizers[0]),
-            loss_scale=scale_tensor(scaler or fabric),
-            grads_scaled=False,  # unscaled above, also for fused optimizers
-        )
+        if not self.monitor.pass_over(step, self.epoch):  # measure="scheduled": between scheduled steps
+            params = [
+                p for opt in self._raw_optimizers for group in opt.param_groups for p in group["params"]
+            ]
+            self.monitor.before_optimizer_step(
+                step,
+                self.epoch,
+                params,
+                _lr_of(self._raw_optimizers[0]),
+                loss_scale=scale_tensor(scaler or fabric),
+                grads_scaled=False,  # unscaled above, also for fused optimizers
+            )
         for opt in self.optimizers:
             if scaler is not None:
                 scaler.step(opt)
