@@ -22,8 +22,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-#: Reduction modes a statistic can have: averaged over ranks, or added up.
-MEAN, SUM = "mean", "sum"
+#: Reduction modes a statistic can have: averaged over ranks, added up, or as the parameters are held:
+#: averaged over replicas (DDP: every rank holds the same averaged gradient), added up over shards (FSDP).
+MEAN, SUM, PARAM = "mean", "sum", "param"
 
 
 def world_size() -> int:
@@ -67,17 +68,21 @@ def sharded_sq_norms(local_sq: torch.Tensor, group: dist.ProcessGroup | None = N
     return out
 
 
-def reduce_factors(specs: Sequence[tuple[int, Sequence[str]]], world: int) -> torch.Tensor:
+def reduce_factors(
+    specs: Sequence[tuple[int, Sequence[str]]], world: int, sharded: bool = False
+) -> torch.Tensor:
     """The per-element factor applied after the ``SUM`` all-reduce.
 
     Args:
         specs: for each stacked tensor, ``(numel, modes)`` where ``modes`` holds one mode (for the whole
             tensor) or one mode per element of its last dimension (``numel`` must be a multiple).
         world: the number of ranks.
+        sharded: the parameters are sharded, so ``PARAM`` values add up (else they are averaged).
     """
+    mean = {MEAN, PARAM} if not sharded else {MEAN}
     parts = []
     for numel, modes in specs:
-        per = torch.tensor([1.0 / world if m == MEAN else 1.0 for m in modes], dtype=torch.float32)
+        per = torch.tensor([1.0 / world if m in mean else 1.0 for m in modes], dtype=torch.float32)
         parts.append(per.repeat(numel // len(modes)) if numel else per[:0])
     return torch.cat(parts) if parts else torch.zeros(0)
 

@@ -10,20 +10,17 @@ Both call the same code on the same Trainer API, which the two packages share.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from gradwatch.detectors import Detector
+from gradwatch.config import OPTIONS_DOC, Config
 from gradwatch.monitor import Monitor, log
 from gradwatch.probes.amp import amp_view, scale_tensor, scaler_of
 from gradwatch.progress import ProgressStatus
-from gradwatch.remedies import Context, Remedy
-from gradwatch.schedules import Schedule
+from gradwatch.remedies import Context
 from gradwatch.setups import describe_setup, format_setup
-from gradwatch.sinks import Console, EventsFile, Sink, TensorBoard
-from gradwatch.sinks.alerts import Alerts, Target, check_targets
+from gradwatch.sinks.fanout import default_sinks
 
 VAL_LOSS_KEYS = ("val_loss", "val/loss", "validation_loss", "valid_loss", "loss/val")
 
@@ -69,49 +66,16 @@ def _context(trainer: Any, pl_module: Any) -> Context:
 
 
 class HealthMonitorHooks:
-    """The hooks of ``HealthMonitor``, for either Lightning package (mixed with its ``Callback``).
+    __doc__ = f"""The hooks of ``HealthMonitor``, for either Lightning package (mixed with its ``Callback``).
 
     Watch a training run's health: gradients, weights, updates, activations, inputs and the loss.
+    Keyword-only options (gradwatch/config.py checks them):
 
     Args:
-        remedies: ``"auto"`` (every remedy: skip_step, clip_gradients, reduce_lr, rollback, reinitialize,
-            early_stop, with their defaults), ``"off"`` (observe only), or a list of remedy ids /
-            :class:`~gradwatch.remedies.Remedy` objects (e.g. ``[SkipStep(), ReduceLR(factor=0.3)]``).
-        every_n_steps: statistics cadence: on every n-th optimizer step gradwatch reads its statistics back
-            to the host (one transfer), samples activations and inputs, and runs the detectors. Every
-            step's loss and gradient norm are still recorded, on device (unless ``measure="scheduled"``).
-            An ``int`` or a ``step -> bool`` callable.
-        measure: ``"every_step"`` (default): every optimizer step's loss and gradient norm are recorded on
-            device and judged at the next read, and skip_step and clip_gradients act on each step.
-            ``"scheduled"``: only the ``every_n_steps`` steps are measured, like ``wandb.watch``'s
-            ``log_freq``; between them the hooks return at once. The cheapest mode: the rules see one step
-            in n (a NaN or a spike in between shows only through the weights and the loss at the next
-            scheduled step), and skip_step and clip_gradients are not available (``"auto"`` leaves them
-            out; rollback, reduce_lr, reinitialize and early_stop act as usual).
-        probe_every_n_steps: the heavy probes (activation hooks, the input range, the weight copy behind
-            update ratios) run on every scheduled step of a run's first 200 steps, then on the first
-            scheduled step at least this many steps after the last probe. ``None``: on every scheduled
-            step. Gradient and weight norms and the loss are not affected.
-        alert_url: a webhook (e.g. Slack's) to post alerts to: each new warning/critical finding, each
-            remedy action and a final message with the summary (see docs/alerts.md).
-        events_path: the events file; default ``<trainer.log_dir>/gradwatch/events.jsonl``.
-        per_layer: also log per-layer (per-module) curves to TensorBoard; totals are always logged.
-        activations: sample activation statistics with forward hooks on probe steps.
-        inputs: sample the input batch's range on probe steps.
-        update_ratio: measure update/weight ratios on probe steps (copies the weights on those steps).
-        detectors: the rules to run; default every implemented rule.
-        val_loss_key: the logged metric to read as validation loss; default the first of
-            ``val_loss``, ``val/loss``, ``validation_loss``, ``valid_loss``, ``loss/val`` that is logged.
-        name: tells two monitors in one trainer apart in checkpoints.
-        print_summary: log the one-screen summary when fit ends.
-        alerts: more alert targets: http(s) URLs and/or callables taking the payload dict.
-        snapshot_every: with ``rollback`` on, keep a healthy state in host memory every this many steps (at
-            the first healthy read after). Default ``None``: every 20 steps at most, and never more often
-            than keeps the copying under 0.25% of the training time (a large model snapshots less often).
-        snapshots: how many such states to keep (memory: this many copies of model + optimizer state).
+{OPTIONS_DOC}
 
     Raises:
-        ConfigError: on any bad argument, with what to write instead.
+        ConfigError: on any bad argument or unknown option, with what to write instead.
 
     Example::
 
@@ -120,55 +84,13 @@ class HealthMonitorHooks:
         trainer.fit(model, datamodule)
     """
 
-    def __init__(
-        self,
-        *,
-        remedies: str | list[str | Remedy] = "auto",
-        every_n_steps: int | Schedule = 20,
-        probe_every_n_steps: int | None = 100,
-        alert_url: str | None = None,
-        events_path: str | os.PathLike[str] | None = None,
-        per_layer: bool = False,
-        activations: bool = True,
-        inputs: bool = True,
-        update_ratio: bool = True,
-        detectors: Iterable[Detector] | None = None,
-        val_loss_key: str | None = None,
-        name: str | None = None,
-        print_summary: bool = True,
-        snapshot_every: int | None = None,
-        snapshots: int = 2,
-        alerts: Iterable[Target] | None = None,
-        measure: str = "every_step",
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.monitor = Monitor(
-            remedies=remedies,
-            every_n_steps=every_n_steps,
-            probe_every_n_steps=probe_every_n_steps,
-            alert_url=alert_url,
-            events_path=events_path,
-            per_layer=per_layer,
-            activations=activations,
-            inputs=inputs,
-            update_ratio=update_ratio,
-            detectors=detectors,
-            print_summary=print_summary,
-            snapshot_every=snapshot_every,
-            snapshots=snapshots,
-            measure=measure,
-        )
-        if val_loss_key is not None and not isinstance(val_loss_key, str):
-            from gradwatch.errors import ConfigError
-
-            raise ConfigError(
-                f'val_loss_key must be a str or None, got {val_loss_key!r}. Write e.g. val_loss_key="val_loss".'
-            )
-        self.val_loss_key = val_loss_key
-        self._alert_targets = check_targets(alert_url, alerts)
+        self.config = Config.build(type(self).__name__, options)
+        self.monitor = Monitor(self.config)
+        self.val_loss_key = self.config.val_loss_key
+        self.name = self.config.name
         self._progress = ProgressStatus(lambda: self.monitor.findings)
-        self.name = name
-        self._events_path = events_path
         self._fitting = False
         self._scaler: Any = None  # the trainer's GradScaler, looked up once per fit
 
@@ -193,34 +115,32 @@ class HealthMonitorHooks:
         # Lightning reads this several times per step: format it once
         key = self.__dict__.get("_state_key")
         if key is None:
-            key = self._generate_state_key(name=self.name, every_n_steps=repr(self.monitor.every_n_steps))
+            key = self._generate_state_key(name=self.name, every_n_steps=repr(self.config.every_n_steps))
             self.__dict__["_state_key"] = key
         return key
 
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        sinks: list[Sink] = []
-        if self._events_path is None:
-            self.monitor.events_path = os.path.join(
-                trainer.log_dir or trainer.default_root_dir, "gradwatch", "events.jsonl"
-            )
-        if trainer.is_global_zero:  # rank zero writes
-            sinks = [
-                EventsFile(self.monitor.events_path),
-                TensorBoard(trainer.loggers),
-                Console(self.monitor.print_summary),
-            ]
-            if self._alert_targets:
-                sinks.append(Alerts(self._alert_targets, run=self.name))
+        events_path = self.config.events_file or os.path.join(
+            trainer.log_dir or trainer.default_root_dir, "gradwatch", "events.jsonl"
+        )
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
+        sinks = (
+            default_sinks(self.config, events_path, trainer.loggers, every) if trainer.is_global_zero else []
+        )
         self._progress.attach(trainer)
         self._scaler = scaler_of(trainer)  # the precision plugin is set for the whole fit
+        setup = describe_setup(trainer, pl_module)
         self.monitor.bind(
-            pl_module, sinks, meta={"run": trainer.log_dir}, context=_context(trainer, pl_module)
+            pl_module,
+            sinks,
+            meta={"run": trainer.log_dir},
+            context=_context(trainer, pl_module),
+            events_path=events_path,
+            setup=setup,
         )
-        self.monitor.log_every_n_steps = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
-        self.monitor.setup = describe_setup(trainer, pl_module)
         if trainer.is_global_zero:
-            log.info(format_setup(self.monitor.setup))
+            log.info(format_setup(setup))
         self._fitting = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:

@@ -21,6 +21,7 @@ def describe_setup(trainer: Any, pl_module: Any) -> dict[str, Any]:
     ``world_size``, ``strategy`` (class name), ``sharded_parameters`` and ``compiled``.
     """
     from gradwatch.distributed import is_dtensor
+    from gradwatch.internals import is_compiled
     from gradwatch.probes.amp import optimizer_handles_unscaling, scaler_of
 
     optimizers = list(getattr(trainer, "optimizers", []) or [])
@@ -40,12 +41,8 @@ def describe_setup(trainer: Any, pl_module: Any) -> dict[str, Any]:
         "world_size": int(getattr(trainer, "world_size", 1)),
         "strategy": type(getattr(trainer, "strategy", None)).__name__,
         "sharded_parameters": any(is_dtensor(p) for p in pl_module.parameters()),
-        "compiled": _is_compiled(pl_module),
+        "compiled": is_compiled(pl_module),
     }
-
-
-def _is_compiled(module: Any) -> bool:
-    return any(type(m).__name__ == "OptimizedModule" for m in module.modules())
 
 
 def needs_automatic_loop_message(remedy: str, setup: dict[str, Any]) -> str | None:

@@ -43,6 +43,20 @@ class StepRecord:
     scaler_skipped: bool = False
 
 
+#: The per-step row the recorder derives for every optimizer step, each field with how ranks combine it
+#: (see gradwatch.distributed): sufficient statistics that add up across ranks. ``first_x_bad`` is the
+#: first non-finite parameter's position where ``bad`` is 1, else 0; ``skipped`` the GradScaler's skip.
+ROW_FIELDS: dict[str, str] = {
+    "loss": distributed.MEAN,
+    "grad_sq": distributed.PARAM,
+    "nonfinite": distributed.PARAM,
+    "first_x_bad": distributed.SUM,
+    "bad": distributed.SUM,
+    "loss_scale": distributed.MEAN,
+    "skipped": distributed.SUM,
+}
+
+
 @dataclass
 class ActivationStats:
     """Summary of one module's output on a sampled step.
@@ -126,8 +140,8 @@ class Transfer:
         """Queue ``tensor`` for the next read.
 
         ``reduce`` says how ranks combine it under ``torch.distributed`` (see :mod:`gradwatch.distributed`):
-        ``"mean"`` or ``"sum"`` for the whole tensor, or a tuple with one mode per element of its last
-        dimension (e.g. per column of the per-step rows).
+        ``"mean"``, ``"sum"`` or ``"param"`` for the whole tensor, or a tuple with one mode per element of
+        its last dimension (e.g. ``tuple(ROW_FIELDS.values())`` for the per-step rows).
         """
         self._names.append(name)
         self._tensors.append(tensor.detach())
@@ -136,41 +150,29 @@ class Transfer:
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def read(self, across_ranks: bool = True) -> dict[str, np.ndarray]:
+    def read(self, across_ranks: bool = True, sharded: bool = False) -> dict[str, np.ndarray]:
         """Concatenate, copy to host once, and split back into arrays of the original shapes.
 
         Under ``torch.distributed`` (``across_ranks``) the vector is first all-reduced once, each element
-        averaged or added up as its ``reduce`` mode says.
+        averaged or added up as its ``reduce`` mode says (``"param"``: added up when the parameters are
+        ``sharded``, else averaged).
         """
         if not self._tensors:
             return {}
         device = self._tensors[0].device
         world = distributed.world_size()
-        if (world <= 1 or not across_ranks) and all(t.device.type == "cpu" for t in self._tensors):
-            return self._read_host()
         flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in self._tensors])
         if world > 1 and across_ranks:  # one stacked all-reduce: every rank then judges the same numbers
             specs = [(t.numel(), m) for t, m in zip(self._tensors, self._modes, strict=True)]
-            flat = distributed.all_reduce_stacked(flat, distributed.reduce_factors(specs, world))
-        host = flat.cpu().numpy()  # sync: the one host read per scheduled step
+            factors = distributed.reduce_factors(specs, world, sharded)
+            flat = distributed.all_reduce_stacked(flat, factors)
+        host = flat.cpu().numpy()  # sync: the one host read per scheduled step (on a CPU: none)
         out: dict[str, np.ndarray] = {}
         offset = 0
         for name, tensor in zip(self._names, self._tensors, strict=True):
             n = tensor.numel()
             out[name] = host[offset : offset + n].reshape(tensor.shape)
             offset += n
-        self._clear()
-        return out
-
-    def _read_host(self) -> dict[str, np.ndarray]:
-        """:meth:`read` when every tensor is host memory and no rank needs a reduction: each one is copied
-        to float32 numpy as it is (no concatenation, nothing to wait for)."""
-        out = {  # sync: none, host memory; the one read per scheduled step (a copy, as .cpu() makes)
-            name: np.array(
-                t.resolve_neg().numpy() if t.dtype == torch.float32 else t.float().numpy(), dtype=np.float32
-            )
-            for name, t in zip(self._names, self._tensors, strict=True)
-        }
         self._clear()
         return out
 

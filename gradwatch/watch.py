@@ -1,26 +1,22 @@
 """``Watch``: gradwatch for plain PyTorch loops and Lightning Fabric, no Trainer needed.
 
 The same core (:class:`~gradwatch.monitor.Monitor`), findings, remedies, events file and TensorBoard tags
-as the Lightning callback; only the adapter differs. The callback maps Trainer hooks to Monitor calls;
-here the loop calls :meth:`Watch.step` instead of ``optimizer.step()`` (as with ``GradScaler.step``):
+as the Lightning callback; only the adapter differs. The loop calls :meth:`Watch.step` instead of
+``optimizer.step()`` (as with ``GradScaler.step``):
 
-- before the forward: a forward *pre-hook* on the model calls ``Monitor.batch_start`` on the first
-  training-mode forward of each step (BatchNorm buffers kept for ``skip_step``; on scheduled steps the
-  activation hooks are attached and the input batch's range is read from the forward's arguments);
-- ``watch.step(loss)``: ``scaler.unscale_`` (with a GradScaler) -> ``Monitor.before_optimizer_step``
-  (gradient norms, skip/clip decisions) -> ``optimizer.step()`` (or ``scaler.step`` + ``update``) ->
-  ``scheduler.step()`` -> ``Monitor.batch_end(loss)`` (read back and judge on scheduled steps);
+- a forward *pre-hook* on the model calls ``Monitor.batch_start`` on the first training-mode forward of
+  each step (the input batch is read from the forward's arguments);
+- ``watch.step(loss)``: ``scaler.unscale_`` -> ``Monitor.before_optimizer_step`` -> ``optimizer.step()``
+  (or ``scaler.step`` + ``update``) -> ``scheduler.step()`` -> ``Monitor.batch_end(loss)``;
 - ``watch.validation(val_loss)``: ``Monitor.validation_end``; early stopping sets ``watch.should_stop``;
 - ``watch.close()`` / leaving the ``with`` block: ``Monitor.finish`` (summary) and every hook removed.
 
-Like ``optimizer.step()``, ``watch.step`` does not zero the gradients: call ``optimizer.zero_grad()``
-where you always did.
+Like ``optimizer.step()``, ``watch.step`` does not zero the gradients.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -28,97 +24,55 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradwatch.detectors import Detector
-from gradwatch.distributed import is_dtensor, world_size
-from gradwatch.errors import ConfigError, check_positive_int
+from gradwatch.config import Config
+from gradwatch.distributed import world_size
+from gradwatch.errors import ConfigError
 from gradwatch.findings import Action, Finding
 from gradwatch.hooks import _lr_of
+from gradwatch.internals import unwrap_model
+from gradwatch.loops import (
+    STATUSES,
+    check_loop,
+    describe_loop,
+    fabric_scaler,
+    reduce_any,
+    tensorboard_loggers,
+    unscale,
+    unwrap_optimizer,
+)
 from gradwatch.monitor import Monitor, log
-from gradwatch.probes.amp import optimizer_handles_unscaling, scale_tensor
-from gradwatch.remedies import Context, Remedy
-from gradwatch.schedules import Schedule
+from gradwatch.probes.amp import scale_tensor
+from gradwatch.remedies import Context
 from gradwatch.setups import format_setup
-from gradwatch.sinks import Console, EventsFile, Sink, TensorBoard
-from gradwatch.sinks.alerts import Alerts, Target, check_targets
+from gradwatch.sinks import Sink
+from gradwatch.sinks.fanout import default_sinks
 
-#: Wrappers whose ``.module`` is the user's model: Fabric's, DDP's, DataParallel's.
-_WRAPPERS = ("_FabricModule", "DistributedDataParallel", "DataParallel")
-
-STATUSES = ("finished", "failed", "interrupted")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside Fabric / DDP wrappers, so layer names match the Trainer's (``net.0``)."""
-    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Fabric's ``_FabricOptimizer`` (which shares its ``param_groups``)."""
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
-
-
-def fabric_scaler(optimizer: Any) -> Any | None:
-    """The GradScaler of Fabric's fp16 precision behind a ``_FabricOptimizer``, or ``None``.
-
-    Fabric's wrapper steps through ``strategy.precision.optimizer_step``, which calls ``scaler.step`` and
-    ``scaler.update`` itself; gradwatch only needs to unscale first (``scaler.unscale_`` marks the
-    optimizer unscaled, so ``scaler.step`` does not unscale twice). Private access, isolated here: the
-    wrapper's ``_strategy``; without it, ``None``.
-    """
-    precision = getattr(getattr(optimizer, "_strategy", None), "precision", None)
-    scaler = getattr(precision, "scaler", None)
-    return scaler if callable(getattr(scaler, "unscale_", None)) else None
-
-
-def _as_list(name: str, value: Any, ok: Any, example: str) -> list[Any]:
-    items = list(value) if isinstance(value, list | tuple) else [value]
-    for item in items:
-        if not ok(item):
-            raise ConfigError(f"{name} got {item!r} ({type(item).__name__}). Write e.g. {example}.")
-    return items
-
-
-def _reduce_any(device: torch.device) -> Any:
-    """True on every rank if True on any rank: one small all-reduce, only when a step may be skipped."""
-
-    def reduce(decision: bool) -> bool:
-        if world_size() <= 1:
-            return decision
-        on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([float(decision)], device=on)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)  # sync: the skip decision is needed now, on every rank
-
-    return reduce
+#: Watch's own keywords, besides the options every monitor takes (gradwatch/config.py).
+LOOP_KEYWORDS = ("log_dir", "scheduler", "log_every_n_steps", "step_scheduler", "scaler", "tensorboard")
 
 
 class Watch:
-    """Watch a plain PyTorch (or Lightning Fabric) training loop: call ``watch.step(loss)`` instead of
+    __doc__ = """Watch a plain PyTorch (or Lightning Fabric) training loop: call ``watch.step(loss)`` instead of
     ``optimizer.step()``.
 
     Args:
         model: the module being trained (a Fabric- or DDP-wrapped module is fine).
         optimizer: its optimizer, or a list of optimizers stepped together (Fabric's wrappers are fine).
-        remedies: ``"auto"``, ``"off"`` or a list of remedy ids / Remedy objects, as for ``HealthMonitor``.
         log_dir: where to write: the events file at ``<log_dir>/gradwatch/events.jsonl`` and TensorBoard
             event files in ``log_dir``. ``None``: no files (unless ``events_path`` is given); findings are
             still logged and kept in :attr:`findings`.
         scheduler: an LR scheduler, or a list; stepped after each optimizer step (``step_scheduler``). The
             ``reduce_lr`` multiplier rides on its ``step``, so the two compose.
-        every_n_steps, probe_every_n_steps: statistics and heavy-probe cadence, as for ``HealthMonitor``.
         log_every_n_steps: per-step TensorBoard rows (loss, gradient norm, LR) every this many steps, and
             at every notable step (a finding, an action, a non-finite value); Lightning's default, 50.
         step_scheduler: ``False`` if you step the schedulers yourself (per epoch, or ReduceLROnPlateau
             with a metric); they are still handed to the remedies.
         scaler: a ``torch.amp.GradScaler``; may also be given to :meth:`step`.
-        events_path: the events file, instead of the one under ``log_dir``.
         tensorboard: write TensorBoard event files in ``log_dir`` (a ``SummaryWriter``), or write through
             a ``SummaryWriter`` you pass here.
-        per_layer, activations, inputs, update_ratio, detectors, print_summary, snapshot_every, snapshots,
-            alert_url, alerts, name, measure: as for ``HealthMonitor`` (``name`` names the run in alerts).
+
+    Keyword-only options, as for ``HealthMonitor`` (gradwatch/config.py checks them):
+{OPTIONS_DOC}
 
     Raises:
         ConfigError: on any bad argument, with what to write instead.
@@ -140,87 +94,19 @@ class Watch:
         model: nn.Module,
         optimizer: Any,
         *,
-        remedies: str | list[str | Remedy] = "auto",
         log_dir: str | os.PathLike[str] | None = None,
         scheduler: Any = None,
-        every_n_steps: int | Schedule = 20,
-        probe_every_n_steps: int | None = 100,
         log_every_n_steps: int = 50,
         step_scheduler: bool = True,
         scaler: Any = None,
-        events_path: str | os.PathLike[str] | None = None,
         tensorboard: Any = True,
-        per_layer: bool = False,
-        activations: bool = True,
-        inputs: bool = True,
-        update_ratio: bool = True,
-        detectors: Iterable[Detector] | None = None,
-        print_summary: bool = True,
-        snapshot_every: int | None = None,
-        snapshots: int = 2,
-        alert_url: str | None = None,
-        alerts: Iterable[Target] | None = None,
-        name: str | None = None,
-        measure: str = "every_step",
+        **options: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ConfigError(
-                f"model must be a torch.nn.Module, got {type(model).__name__}. Write e.g. Watch(model, optimizer)."
-            )
-        optimizers = _as_list(
-            "optimizer",
-            optimizer,
-            lambda o: isinstance(o, torch.optim.Optimizer),
-            "Watch(model, torch.optim.AdamW(model.parameters()))",
+        self.config = Config.build("Watch", options, extra=LOOP_KEYWORDS)
+        optimizers, schedulers = check_loop(
+            model, optimizer, scheduler, step_scheduler, log_dir, scaler, log_every_n_steps, tensorboard
         )
-        schedulers = (
-            []
-            if scheduler is None
-            else _as_list(
-                "scheduler",
-                scheduler,
-                lambda s: callable(getattr(s, "step", None)),
-                "scheduler=torch.optim.lr_scheduler.LambdaLR(...)",
-            )
-        )
-        if not isinstance(step_scheduler, bool):
-            raise ConfigError(f"step_scheduler must be True or False, got {step_scheduler!r}.")
-        plateau = [s for s in schedulers if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau)]
-        if plateau and step_scheduler:
-            raise ConfigError(
-                "scheduler=ReduceLROnPlateau needs a metric, so Watch cannot step it after each optimizer step. "
-                "Write step_scheduler=False and call scheduler.step(val_loss) yourself."
-            )
-        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
-            raise ConfigError(
-                f"log_dir must be a path (str or os.PathLike) or None, got {log_dir!r} "
-                f'({type(log_dir).__name__}). Write e.g. log_dir="runs/exp1".'
-            )
-        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
-            raise ConfigError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}.")
-        self.monitor = Monitor(
-            remedies=remedies,
-            every_n_steps=every_n_steps,
-            probe_every_n_steps=probe_every_n_steps,
-            alert_url=alert_url,
-            events_path=events_path,
-            per_layer=per_layer,
-            activations=activations,
-            inputs=inputs,
-            update_ratio=update_ratio,
-            detectors=detectors,
-            print_summary=print_summary,
-            snapshot_every=snapshot_every,
-            snapshots=snapshots,
-            measure=measure,
-        )
-        self.monitor.log_every_n_steps = check_positive_int("log_every_n_steps", log_every_n_steps, 50)
-        alert_targets = check_targets(alert_url, alerts)
-        if not (isinstance(tensorboard, bool) or callable(getattr(tensorboard, "add_scalar", None))):
-            raise ConfigError(
-                f"tensorboard must be True, False or a SummaryWriter, got {type(tensorboard).__name__}."
-            )
-
+        self.monitor = Monitor(self.config)
         self.model = model
         self.module = unwrap_model(model)
         self.optimizers = optimizers  # stepped as given (Fabric's wrappers run its precision/strategy)
@@ -236,7 +122,7 @@ class Watch:
                 "gradwatch finds through the optimizer. Write Watch(model, optimizer) without scaler=."
             )
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
-        self.name = name
+        self.name = self.config.name
         #: The optimizer step the next :meth:`step` records (0 first), like ``trainer.global_step``.
         self.global_step = 0
         #: The epoch findings are filed under; set it (or pass ``epoch=`` to :meth:`step`) if you count epochs.
@@ -248,22 +134,14 @@ class Watch:
         self._forward_seen = False
         self._closed = False
 
+        events_path = self.config.events_file
         if events_path is None and self.log_dir is not None:
-            self.monitor.events_path = os.path.join(self.log_dir, "gradwatch", "events.jsonl")
+            events_path = os.path.join(self.log_dir, "gradwatch", "events.jsonl")
         self._loggers: list[Any] = []
         sinks: list[Sink] = []
         if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:  # rank zero writes
-            from gradwatch.sinks.writer import TensorBoardLogger
-
-            if tensorboard is not True and tensorboard is not False:
-                self._loggers.append(TensorBoardLogger(tensorboard))
-            elif tensorboard and self.log_dir is not None:
-                self._loggers.append(TensorBoardLogger(self.log_dir))
-            if self.monitor.events_path is not None:
-                sinks.append(EventsFile(self.monitor.events_path))
-            sinks += [TensorBoard(self._loggers), Console(print_summary)]
-            if alert_targets:
-                sinks.append(Alerts(alert_targets, run=name))
+            self._loggers = tensorboard_loggers(tensorboard, self.log_dir)
+            sinks = default_sinks(self.config, events_path, self._loggers, log_every_n_steps)
         first = next(self.module.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         context = Context(
@@ -273,11 +151,16 @@ class Watch:
             scaler=scaler if scaler is not None else self.fabric_scaler,
             request_stop=self._request_stop,
             automatic=True,
-            reduce_any=_reduce_any(device),
+            reduce_any=reduce_any(device),
             world_size=world_size(),  # under DDP every rank keeps the same snapshots (step-only cadence)
         )
-        self.monitor.bind(self.module, sinks, meta={"run": self.log_dir or name}, context=context)
-        self.monitor.setup = self._describe()
+        setup = describe_loop(
+            self.model, self.module, self._raw_optimizers, self.schedulers, self.scaler, self.fabric_scaler
+        )
+        meta = {"run": self.log_dir or self.name}
+        self.monitor.bind(
+            self.module, sinks, meta=meta, context=context, events_path=events_path, setup=setup
+        )
         if self.monitor.sinks:
             log.info(format_setup(self.monitor.setup))
         self._hook = self.module.register_forward_pre_hook(self._before_forward)
@@ -339,13 +222,7 @@ class Watch:
         unscaler, targets = (
             (scaler, self.optimizers) if scaler is not None else (fabric, self._raw_optimizers)
         )
-        if unscaler is not None:
-            for opt in targets:
-                try:
-                    unscaler.unscale_(opt)
-                except RuntimeError as err:  # the user unscaled already (to clip, say): fine
-                    if "already been called" not in str(err):
-                        raise
+        unscale(unscaler, targets)
         step = self.global_step
         if not self.monitor.pass_over(step, self.epoch):  # measure="scheduled": between scheduled steps
             params = [
@@ -435,29 +312,3 @@ class Watch:
         self.global_step = int(state.get("global_step", 0))
         self.epoch = int(state.get("epoch", 0))
         self.should_stop = bool(state.get("should_stop", False))
-
-    def _describe(self) -> dict[str, Any]:
-        """The setup, with the keys of :func:`gradwatch.setups.describe_setup` where they apply."""
-        opts = self._raw_optimizers
-        fabric = type(self.model).__name__ == "_FabricModule"
-        return {
-            "loop": "fabric" if fabric else "plain",
-            "manual_optimization": False,
-            "scaler": (
-                type(self.scaler).__name__
-                if self.scaler is not None
-                else (
-                    f"{type(self.fabric_scaler).__name__} (Fabric)"
-                    if self.fabric_scaler is not None
-                    else None
-                )
-            ),
-            "num_optimizers": len(opts),
-            "optimizers": [type(o).__name__ for o in opts],
-            "param_groups": [len(o.param_groups) for o in opts],
-            "fused_unscaling": [type(o).__name__ for o in opts if optimizer_handles_unscaling(o)],
-            "lr_schedulers": [type(s).__name__ for s in self.schedulers],
-            "world_size": world_size(),
-            "sharded_parameters": any(is_dtensor(p) for p in self.module.parameters()),
-            "compiled": any(type(m).__name__ == "OptimizedModule" for m in self.module.modules()),
-        }

@@ -171,6 +171,7 @@ def _sharded_worker(rank: int, port: int, out_dir: str) -> None:
 
         from gradwatch.distributed import local, sharded_sq_norms
         from gradwatch.monitor import Monitor
+        from gradwatch.probes import ParamLayout
 
         mesh = init_device_mesh("cpu", (2,))
         # 1. the helper: squared norms of row shards add up to the full tensor's
@@ -206,7 +207,7 @@ def _sharded_worker(rank: int, port: int, out_dir: str) -> None:
             if list(m.parameters())
         }
         res.update(
-            sharded=mon._layout.sharded,
+            sharded=ParamLayout(model).sharded,
             grad_norm=stats.grad_norm,
             grad_total=stats.steps[0].grad_norm,
             loss=stats.steps[0].loss,

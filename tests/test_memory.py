@@ -36,7 +36,7 @@ class Watch(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the optimizer step this batch just ran
-        self.max_rows = max(self.max_rows, len(self.mon.monitor._rows))
+        self.max_rows = max(self.max_rows, len(self.mon.monitor.recorder.rows))
         if step in self.at:
             self.tensors[step] = live_tensors()
             self.findings[step] = len(self.mon.findings)

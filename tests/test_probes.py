@@ -273,33 +273,38 @@ def test_nan_outputs_are_not_dead_units(kind):
     assert torch.equal(y, before)  # the model's own output is never modified
 
 
-def test_host_and_device_derivations_agree():
-    """The per-step rows derived in Python on the CPU (the common case) equal the device ops' rows, on
-    healthy steps, NaN and Inf gradients (count, first bad position) and a sum of squares that overflows
-    float32; the device path is what every accelerator, and every other case, runs."""
-    from gradwatch.monitor import ROW_FIELDS, Monitor, _PendingRow
+def test_derived_rows_match_a_plain_reference():
+    """The per-step rows derived at the read (sum of squares, non-finite count, first bad position, loss)
+    equal the same numbers computed plainly per row, on healthy steps, NaN and Inf gradients and a sum of
+    squares that overflows float32 (Inf: no step to take)."""
+    from gradwatch.recorder import StepRow, derive
+    from gradwatch.stats import ROW_FIELDS
 
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    mon = Monitor(remedies="off")
-    mon._layout = gradwatch.probes.ParamLayout(net)
     positions = torch.tensor([0, 1, 2, 3])
     inf, nan = math.inf, math.nan
     cases = [[1.0, 2.0, 3.0, 4.0], [1.0, nan, 3.0, inf], [inf, 1.0, 1.0, 1.0], [3e19, 3e19, 0.0, 1.0]]
     rows = [
-        _PendingRow(s, 0, 0.1, None, True, [torch.tensor(n)], [positions], [torch.tensor(float(s) + 0.5)])
+        StepRow(s, 0, 0.1, [torch.tensor(n)], [positions], [torch.tensor(float(s) + 0.5)])
         for s, n in enumerate(cases)
     ]
-    host = mon._derive(rows)
-    device = mon._derive_on_device(rows, torch.device("cpu"))
-    assert host.shape == device.shape == (len(cases), len(ROW_FIELDS))
-    torch.testing.assert_close(host, device, equal_nan=True, rtol=1e-6, atol=0)
-    assert host[1].tolist()[2:5] == [2.0, 1.0, 1.0]  # two non-finite, the first at position 1
-    assert math.isinf(host[3, 1])  # 1.8e39 overflows float32, as the device's dot does
+    got = derive(rows, n_params=4, device=torch.device("cpu"))
+    assert got.shape == (len(cases), len(ROW_FIELDS))
+    for s, norms in enumerate(cases):
+        row = dict(zip(ROW_FIELDS, got[s].tolist(), strict=True))
+        bad = [i for i, v in enumerate(norms) if not math.isfinite(v)]
+        assert row["loss"] == s + 0.5
+        assert row["nonfinite"] == len(bad) and row["bad"] == float(bool(bad))
+        assert row["first_x_bad"] == (bad[0] if bad else 0)
+        reference = sum(v * v for v in norms)
+        if math.isfinite(reference) and reference < torch.finfo(torch.float32).max:
+            assert row["grad_sq"] == pytest.approx(reference, rel=1e-6)
+        else:
+            assert not math.isfinite(row["grad_sq"])  # 1.8e39 overflows float32: Inf, as the dot does
 
 
-def test_weight_norms_on_host_and_on_device_agree():
-    """The CPU's Python-float weight probe equals the device ops: per-layer squared norms, non-finite
-    weights per layer, and the update ratio's squared norms after a step."""
+def test_weight_norms_match_per_parameter_norms():
+    """The weight probe's per-layer squared norms, non-finite weights per layer, and the update ratio's
+    squared norms after a step equal per-parameter ``torch.linalg.vector_norm`` summed by layer."""
     from gradwatch.probes import ParamLayout, WeightProbe
 
     torch.manual_seed(0)
@@ -307,41 +312,25 @@ def test_weight_norms_on_host_and_on_device_agree():
     probe = WeightProbe(ParamLayout(net))
     with torch.no_grad():
         net[0].bias[0] = float("nan")
-    results = []
-    for on_host in (True, False):
-        probe.snapshot()
-        with torch.no_grad():
-            net[2].weight.mul_(1.5)
-        results.append(probe.measure(on_host=on_host))
-        with torch.no_grad():
-            net[2].weight.div_(1.5)
-    (h_sq, h_bad, h_upd), (d_sq, d_bad, d_upd) = results
-    torch.testing.assert_close(h_sq, d_sq, equal_nan=True)
-    assert h_bad.tolist() == d_bad.tolist() == [1.0, 0.0]
-    torch.testing.assert_close(h_upd, d_upd, equal_nan=True)
+    before = [p.detach().clone() for p in net[2].parameters()]
+    probe.snapshot()
+    with torch.no_grad():
+        net[2].weight.mul_(1.5)
+    sq, bad, update = probe.measure()
+    norm = torch.linalg.vector_norm
+    assert math.isnan(sq[0]) and bad.tolist() == [1.0, 0.0]
+    assert float(sq[1]) == pytest.approx(sum(float(norm(p)) ** 2 for p in net[2].parameters()), rel=1e-5)
+    delta = sum(float(norm(p - b)) ** 2 for p, b in zip(net[2].parameters(), before, strict=True))
+    assert float(update[0][1]) == pytest.approx(delta, rel=1e-5)
+    assert float(update[1][1]) == pytest.approx(sum(float(norm(b)) ** 2 for b in before), rel=1e-5)
 
 
-def test_squared_total_overflows_where_float32_does():
-    """skip_step's host sum of squares is Inf exactly where the device's float32 dot is: [x, x] with
-    x = sqrt(max/2) sums to the largest float32, not beyond it; one ulp more overflows."""
-    from gradwatch.probes.gradients import squared_total
+def test_mixed_loss_dtypes_are_derived_each_on_its_own():
+    """Rows whose losses differ in dtype (an int loss next to a bfloat16 one) are converted each on its
+    own: 257 stays 257."""
+    from gradwatch.recorder import StepRow, derive
 
-    x = torch.tensor(math.sqrt(torch.finfo(torch.float32).max / 2), dtype=torch.float32)
-    for v in (x, torch.nextafter(x, torch.tensor(math.inf))):
-        norms = torch.stack([v, v])
-        assert squared_total(norms) == pytest.approx(float(torch.dot(norms, norms)), rel=1e-6)
-
-
-def test_mixed_loss_dtypes_take_the_device_derivation():
-    """Rows whose losses differ in dtype (an int loss next to a bfloat16 one) are derived by the device
-    ops, which convert each loss on its own: 257 stays 257."""
-    from gradwatch.monitor import Monitor, _PendingRow
-
-    mon = Monitor(remedies="off")
-    mon._layout = gradwatch.probes.ParamLayout(torch.nn.Linear(2, 1))
     pos = torch.tensor([0, 1])
     losses = [torch.tensor(257), torch.tensor(1.5, dtype=torch.bfloat16)]
-    rows = [
-        _PendingRow(s, 0, None, None, True, [torch.ones(2)], [pos], [loss]) for s, loss in enumerate(losses)
-    ]
-    assert mon._derive(rows)[:, 0].tolist() == [257.0, 1.5]
+    rows = [StepRow(s, 0, None, [torch.ones(2)], [pos], [loss]) for s, loss in enumerate(losses)]
+    assert derive(rows, 2, torch.device("cpu"))[:, 0].tolist() == [257.0, 1.5]

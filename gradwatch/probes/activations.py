@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradwatch.internals import is_compiled
+
 _RELU = (nn.ReLU, nn.ReLU6)
 _TANH = (nn.Tanh, nn.Hardtanh)
 _SIGMOID = (nn.Sigmoid, nn.Hardsigmoid)
@@ -140,7 +142,7 @@ class ActivationProbe:
         self._captured: dict[str, torch.Tensor] = {}
         #: Per-unit activity of relu/linear modules at the last sampled step (device vectors, never read).
         self.activity: dict[str, torch.Tensor] = {}
-        self.persistent = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+        self.persistent = is_compiled(model)
         self.sampling = False
         if self.persistent:  # before the first forward, so that dynamo traces them (gated off)
             self._register()

@@ -13,8 +13,8 @@ gradwatch copies the scale tensor before the step and compares it with the scale
 device: ``after < before`` marks the step as skipped by the scaler. No value is read back.
 
 The scale as a device tensor is private (``GradScaler._scale``; the public ``get_scale()`` reads it to
-the host, a sync on every step). :func:`scale_tensor` is the one place that touches it;
-``tests/test_setups.py::test_private_amp_access_is_pinned`` pins the torch versions it was checked with.
+the host, a sync on every step); :func:`gradwatch.internals.scaler_scale` is the one place that touches it,
+and ``tests/test_internals.py`` pins it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from gradwatch.internals import optimizer_handles_unscaling, scaler_scale
+
+__all__ = ["amp_view", "optimizer_handles_unscaling", "scale_tensor", "scaler_of"]
 
 
 def scaler_of(trainer: Any) -> Any | None:
@@ -33,25 +37,8 @@ def scaler_of(trainer: Any) -> Any | None:
     return scaler
 
 
-def scale_tensor(scaler: Any) -> torch.Tensor | None:
-    """The scaler's current loss scale as a 0-d device tensor, without a host sync.
-
-    Private access, isolated here: ``GradScaler._scale`` (torch 2.x; created lazily by the first
-    ``scaler.scale(loss)``, so ``None`` before the first backward). ``get_scale()`` would ``.item()`` it.
-    """
-    if scaler is None:
-        return None
-    scale = getattr(scaler, "_scale", None)
-    return scale.reshape(()) if isinstance(scale, torch.Tensor) else None
-
-
-def optimizer_handles_unscaling(optimizer: Any) -> bool:
-    """Whether ``optimizer`` unscales inside ``step`` (fused optimizers): then its gradients are still scaled.
-
-    The same test Lightning uses (``lightning_fabric.plugins.precision.amp._optimizer_handles_unscaling``):
-    torch's optimizers set ``_step_supports_amp_scaling = True`` when they do.
-    """
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+#: The scaler's current loss scale as a 0-d device tensor, without a host sync (private: see internals).
+scale_tensor = scaler_scale
 
 
 def amp_view(scaler: Any, optimizer: Any) -> tuple[torch.Tensor | None, bool]:

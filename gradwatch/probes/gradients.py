@@ -8,43 +8,16 @@ squared norms.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gradwatch.distributed import local
+from gradwatch.internals import foreach_norm
 from gradwatch.probes.layout import ParamLayout
 
 
 def foreach_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor, as one float32 vector on the tensors' device (no host sync)."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-
-
-#: Where float32 overflows: a float64 value at or above it rounds to Inf in float32 (below it, to the
-#: largest float32), which is what a float32 ``dot`` on the device gives.
-FLOAT32_OVERFLOW = torch.finfo(torch.float32).max + 2.0**103
-
-
-def squared_total(norms: torch.Tensor) -> float:
-    """The sum of squares of a norm vector, as a host float: the per-step read of skip_step and clipping.
-
-    Off the CPU this is one ``dot`` and one scalar read (a sync). On the CPU the vector is host memory
-    already, so it is read with ``tolist()`` and summed in Python: no wait either way, but two tensor ops
-    fewer on every step (each costs 10-20 us inside a training step on a small CPU; docs/performance.md).
-    The result is the device's up to rounding (the sum is exact to float64, not rounded in float32):
-    NaN stays NaN, and a sum that would round beyond float32's range is Inf, as a float32 ``dot`` overflows.
-
-    Example:
-        >>> squared_total(torch.tensor([3.0, 4.0]))
-        25.0
-        >>> squared_total(torch.tensor([1e20, 1.0])), squared_total(torch.tensor([float("nan"), 1.0]))
-        (inf, nan)
-    """
-    if norms.device.type != "cpu":
-        return float(torch.dot(norms, norms))  # sync: the one read
-    total = math.fsum(v * v for v in norms.tolist())  # sync: none, host memory
-    return math.inf if total >= FLOAT32_OVERFLOW else total
+    return torch.stack(foreach_norm(tensors))
 
 
 class GradientProbe:

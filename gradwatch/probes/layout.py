@@ -52,23 +52,6 @@ class ParamLayout:
         out = torch.zeros(shape, dtype=per_param.dtype, device=per_param.device)
         return out.index_add_(per_param.dim() - 1, self.layer_index.to(per_param.device), per_param)
 
-    def per_layer_host(self, rows: list[list[float]]) -> list[list[float]]:
-        """:meth:`per_layer` on Python floats (the CPU's short path): each row of per-parameter values
-        summed into per-layer values.
-
-        Example:
-            >>> layout = ParamLayout(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
-            >>> layout.per_layer_host([[1.0, 2.0, 3.0, 4.0]])
-            [[3.0, 7.0]]
-        """
-        out = []
-        for row in rows:
-            acc = [0.0] * len(self.layers)
-            for layer, value in zip(self._layer_ids, row, strict=True):
-                acc[layer] += value
-            out.append(acc)
-        return out
-
     def refresh_device(self) -> None:
         if self.params:
             self.device = self.params[0].device

@@ -1,30 +1,24 @@
 """Remedies change training in answer to findings; one remedy per module.
 
 Importing this package registers every remedy in :data:`REGISTRY`; ``remedies="auto"`` takes them in
-the order of :data:`gradwatch.findings.REMEDIES`.
+the order of :data:`gradwatch.findings.REMEDIES`. Which remedy answers which rule is the ladder
+(:data:`LADDER`, in ``responder.py``); per-step protection is ``guard.py``; the snapshot policy is in
+``snapshots.py``.
 """
 
 from gradwatch.remedies.base import REGISTRY, Remedy, resolve_remedies
 from gradwatch.remedies.clip_gradients import ClipGradients
-from gradwatch.remedies.context import BestWeights, Context, LRControl, Snapshots
+from gradwatch.remedies.context import Context, RemedyContext
 from gradwatch.remedies.early_stop import EarlyStop
+from gradwatch.remedies.lr_control import LRControl
 from gradwatch.remedies.reduce_lr import ReduceLR
 from gradwatch.remedies.reinitialize import Reinitialize
 from gradwatch.remedies.rollback import Rollback
 from gradwatch.remedies.skip_step import SkipStep
+from gradwatch.remedies.snapshots import BestWeights, SnapshotPolicy, Snapshots
 
-#: Which remedies answer a rule, first choice first (a finding gets one action: the first remedy that acts).
-LADDER: dict[str, tuple[str, ...]] = {
-    "nonfinite": ("skip_step", "rollback"),
-    "gradient_spike": ("clip_gradients",),
-    "exploding_gradients": ("reduce_lr", "rollback"),
-    "divergence": ("rollback", "reduce_lr"),
-    "update_ratio": ("reduce_lr",),
-    "dead_units": ("reinitialize",),
-    "saturated_activations": ("reinitialize",),
-    "poor_initialization": ("reinitialize",),
-    "overfitting": ("early_stop",),
-}
+from gradwatch.remedies.responder import LADDER, Responder  # isort: skip - after the remedies it orders
+from gradwatch.remedies.guard import StepGuard  # isort: skip
 
 __all__ = [
     "LADDER",
@@ -37,8 +31,12 @@ __all__ = [
     "ReduceLR",
     "Reinitialize",
     "Remedy",
+    "RemedyContext",
+    "Responder",
     "Rollback",
     "SkipStep",
+    "SnapshotPolicy",
     "Snapshots",
+    "StepGuard",
     "resolve_remedies",
 ]

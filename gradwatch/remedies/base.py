@@ -69,12 +69,12 @@ class Remedy:
     def spent(self) -> bool:
         return self.used >= self.budget
 
-    def respond(self, finding: Finding, monitor: Any) -> Action | None:
+    def respond(self, finding: Finding, ctx: Any) -> Action | None:
         """Act on ``finding``; return the :class:`Action` taken, or ``None``. Subclasses implement this.
 
-        ``monitor`` is the :class:`~gradwatch.monitor.Monitor`: remedies reach the training objects through
-        ``monitor.context`` and the shared state through ``monitor.lr``, ``monitor.snapshots`` and
-        ``monitor.best``.
+        ``ctx`` is a :class:`~gradwatch.remedies.context.RemedyContext`, all a remedy may touch: the
+        training objects (``ctx.context``: model, optimizers, schedulers, scaler, a way to stop) and the
+        shared state (``ctx.lr``, ``ctx.snapshots``, ``ctx.best``, ``ctx.unit_activity(module)``).
         """
         raise NotImplementedError
 

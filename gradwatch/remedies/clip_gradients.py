@@ -9,6 +9,7 @@ import torch
 
 from gradwatch.detectors.base import check_threshold
 from gradwatch.findings import Action, Finding
+from gradwatch.internals import foreach_mul_
 from gradwatch.remedies.base import Remedy
 
 #: Clipping that scales gradients by at least this factor is routine (not an incident).
@@ -40,41 +41,25 @@ class ClipGradients(Remedy):
             check_threshold("ClipGradients", "warmup_steps", warmup_steps, low=-1, example=25)
         )
         self.n = 0
-        self._mean: torch.Tensor | float | None = None  # floats on the CPU, device tensors elsewhere
-        self._var: torch.Tensor | float | None = None
-        self._count: torch.Tensor | None = None  # finite steps seen, on device (the accelerator arithmetic)
+        self._mean: torch.Tensor | None = None  # running statistics, on device
+        self._var: torch.Tensor | None = None
+        self._count: torch.Tensor | None = None  # finite steps seen
 
     def clip(self, grads: list[torch.Tensor], sq_total: torch.Tensor) -> torch.Tensor:
         """Scale ``grads`` in place; returns the coefficient applied (1 when not clipped), on device.
 
-        On an accelerator every step is a few device ops and no host read. On the CPU a read costs
-        nothing (there is no device to wait for), so the same arithmetic runs on Python floats and the
-        gradients are only touched when they are clipped.
-        """
-        if sq_total.device.type == "cpu":
-            return torch.tensor(self.clip_host(grads, float(sq_total)))  # sync: none on the CPU
-        return self.clip_on_device(grads, sq_total)
-
-    def clip_on_device(self, grads: list[torch.Tensor], sq_total: torch.Tensor) -> torch.Tensor:
-        """:meth:`clip`'s accelerator arithmetic: device ops only, no host read (runs on any device).
-
-        The same rule as :meth:`clip_host`, step for step: a non-finite step neither starts, moves nor
-        counts towards the warm-up (the count of finite steps is a device tensor); :attr:`n` counts calls.
+        Device ops only, no host read, every step. A non-finite step neither starts, moves nor counts
+        towards the warm-up (the count of finite steps is a device tensor); :attr:`n` counts calls.
         """
         norm = sq_total.detach().float().sqrt()
         finite = torch.isfinite(norm)
-        if self._mean is None or self._var is None:  # NaN until a finite norm is seen
+        if self._mean is None or self._var is None or self._count is None:  # NaN until a finite norm
             self._mean, self._var = torch.full_like(norm, math.nan), torch.zeros_like(norm)
             self._count = torch.zeros_like(norm)
-        elif (
-            self._count is None
-            or not isinstance(self._mean, torch.Tensor)
-            or self._mean.device != norm.device
-        ):
-            # loaded from a checkpoint, or the host arithmetic ran before: carry its state over
-            self._mean = torch.as_tensor(self._mean, dtype=norm.dtype, device=norm.device)
-            self._var = torch.as_tensor(self._var, dtype=norm.dtype, device=norm.device)
-            self._count = torch.full_like(norm, float(self.n))
+        elif self._mean.device != norm.device:  # loaded from a checkpoint onto the host
+            self._mean, self._var, self._count = (
+                t.to(norm.device) for t in (self._mean, self._var, self._count)
+            )
         a = self.alpha
         started = torch.isfinite(self._mean)
         coef = torch.ones_like(norm)
@@ -84,7 +69,7 @@ class ClipGradients(Remedy):
             warm = started & (self._count >= self.warmup_steps)
             threshold = self._mean + self.z * self._var.sqrt()
             coef = torch.where(warm & finite & (norm > threshold), threshold / (norm + 1e-12), coef)
-            torch._foreach_mul_(grads, coef)
+            foreach_mul_(grads, coef)
             seen = torch.where(warm, torch.minimum(norm, threshold), norm)
         d = seen - self._mean
         mean = torch.where(started, self._mean + (1 - a) * d, norm)
@@ -92,32 +77,6 @@ class ClipGradients(Remedy):
         self._mean = torch.where(finite, mean, self._mean)
         self._var = torch.where(finite, var, self._var)
         self._count = self._count + finite.float()
-        return coef
-
-    def clip_host(self, grads: list[torch.Tensor], sq: float) -> float:
-        """:meth:`clip` when the squared norm is already on the host; returns the coefficient applied."""
-        norm = math.sqrt(sq) if sq >= 0 else math.nan
-        finite = math.isfinite(norm)
-        if self._count is not None:  # the device arithmetic ran before: its count of finite steps is n
-            self.n = int(float(self._count))  # sync: once, when the path changes
-        mean = float(self._mean) if self._mean is not None else None  # sync: none on the CPU
-        var = float(self._var) if self._var is not None else 0.0  # sync: none on the CPU
-        if mean is None or not math.isfinite(mean):  # nothing finite seen yet
-            if finite:  # a non-finite step (skipped, or to be) neither starts nor counts
-                self._mean, self._var, self.n, self._count = norm, 0.0, 1, None
-            return 1.0
-        coef, seen = 1.0, norm
-        if self.n >= self.warmup_steps:
-            threshold = mean + self.z * math.sqrt(var)
-            if finite and norm > threshold:
-                coef = threshold / (norm + 1e-12)
-                torch._foreach_mul_(grads, coef)
-            seen = min(norm, threshold)
-        if finite:
-            d = seen - mean
-            mean, var = mean + (1 - self.alpha) * d, self.alpha * (var + (1 - self.alpha) * d * d)
-            self._mean, self._var, self.n = mean, var, self.n + 1
-        self._count = None  # the device arithmetic, if it ever runs, starts from n
         return coef
 
     def clipped(self, steps: list[tuple[int, int, float, float]]) -> Action | None:
@@ -140,7 +99,7 @@ class ClipGradients(Remedy):
         )
         return self.record(Action(self.name, first_step, "gradient_spike", detail, epoch, message))
 
-    def respond(self, finding: Finding, monitor: Any) -> Action | None:
+    def respond(self, finding: Finding, ctx: Any) -> Action | None:
         return None  # clips every step, on device; actions are logged per read
 
     def state_dict(self) -> dict[str, Any]:
@@ -155,8 +114,9 @@ class ClipGradients(Remedy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.n = state.get("n", 0)
+        self.n = state.get("n", 0)  # finite steps seen: calls and finite steps agree from here
         self._mean, self._var, self._count = None, None, None
         if self.n and math.isfinite(state.get("mean", math.nan)):
             self._mean = torch.tensor(state["mean"])
             self._var = torch.tensor(state["var"])
+            self._count = torch.tensor(float(self.n))

@@ -13,7 +13,7 @@ class EarlyStop(Remedy):
 
     Answers ``overfitting``, judged at each validation as it comes (with what is pending of the steps
     before it, or on its own right after a read; the other rules then see that validation at the next
-    read). It is also what the monitor does when a critical condition persists after every remedy that
+    read). It is also what the responder does when a critical condition persists after every remedy that
     answers it has spent its budget: then it stops with a critical finding that lists what was tried
     (:meth:`give_up`).
     """
@@ -26,12 +26,12 @@ class EarlyStop(Remedy):
         self.restore_best = restore_best
         self.stopped = False
 
-    def respond(self, finding: Finding, monitor: Any) -> Action | None:
-        ctx, best = monitor.context, monitor.best
-        if ctx is None:
+    def respond(self, finding: Finding, ctx: Any) -> Action | None:
+        training, best = ctx.context, ctx.best
+        if training is None:
             return None
-        restored = self.restore_best and best.restore(ctx.model)
-        ctx.request_stop()
+        restored = self.restore_best and best.restore(training.model)
+        training.request_stop()
         self.stopped = True
         detail = {"best_val_loss": best.loss, "best_step": best.step, "weights_restored": restored}
         detail.update({k: v for k, v in finding.evidence.items() if k in ("val_loss", "train_loss")})
@@ -42,12 +42,12 @@ class EarlyStop(Remedy):
         )
         return self.action(finding, f"stopped training and {where}", **detail)
 
-    def give_up(self, finding: Finding, tried: list[Action], monitor: Any) -> tuple[Finding, Action] | None:
+    def give_up(self, finding: Finding, tried: list[Action], ctx: Any) -> tuple[Finding, Action] | None:
         """Stop because the ladder is spent: a critical finding explaining what was tried, and the action."""
-        ctx = monitor.context
-        if ctx is None or self.stopped:
+        training = ctx.context
+        if training is None or self.stopped:
             return None
-        ctx.request_stop()
+        training.request_stop()
         self.stopped = True
         counts: dict[str, int] = {}
         for a in tried:

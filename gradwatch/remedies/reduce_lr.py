@@ -9,9 +9,10 @@ from gradwatch.findings import Action, Finding
 from gradwatch.remedies.base import Remedy
 
 
-def first_lr(monitor: Any) -> float:
-    """The learning rate the first param group steps with: the scheduler's times gradwatch's multiplier."""
-    opts = monitor.context.optimizers() if monitor.context else []
+def first_lr(ctx: Any) -> float:
+    """The learning rate the first param group steps with: the scheduler's times gradwatch's multiplier
+    (``ctx``: a :class:`~gradwatch.remedies.context.RemedyContext`)."""
+    opts = ctx.context.optimizers() if ctx.context else []
     lr = opts[0].param_groups[0]["lr"] if opts and opts[0].param_groups else float("nan")
     return float(lr)  # sync: only if the LR is a tensor; read when acting, which is rare
 
@@ -48,22 +49,22 @@ class ReduceLR(Remedy):
             raise ConfigError(f"ReduceLR(factor=...) must be below 1, got {factor!r}. Write e.g. factor=0.5.")
         self.min_multiplier = check_threshold("ReduceLR", "min_multiplier", min_multiplier, example=1e-3)
 
-    def respond(self, finding: Finding, monitor: Any) -> Action | None:
+    def respond(self, finding: Finding, ctx: Any) -> Action | None:
         if finding.rule == "update_ratio" and "layer_ratio" not in finding.evidence:
             return None  # a too-low update ratio wants a higher LR, not a lower one
         return self.lower(
-            finding, monitor, self.critical_factor if finding.severity == "critical" else self.factor
+            finding, ctx, self.critical_factor if finding.severity == "critical" else self.factor
         )
 
-    def lower(self, finding: Finding, monitor: Any, factor: float) -> Action | None:
-        lr = monitor.lr
+    def lower(self, finding: Finding, ctx: Any, factor: float) -> Action | None:
+        lr = ctx.lr
         new = max(lr.multiplier * factor, self.min_multiplier)
         if new >= lr.multiplier:
             return None  # at the floor
-        before = first_lr(monitor)
+        before = first_lr(ctx)
         old = lr.multiplier
         lr.scale(new / old)
-        after = first_lr(monitor)
+        after = first_lr(ctx)
         message = f"lowered the learning rate {old / new:.3g}x (multiplier {old:.3g} -> {new:.3g}): {before:.4g} -> {after:.4g}"
         return self.action(
             finding, message, lr_before=before, lr_after=after, multiplier_before=old, multiplier_after=new

@@ -132,9 +132,9 @@ class Reinitialize(Remedy):
         self.done = []
 
     # ------------------------------------------------------------------ acting
-    def respond(self, finding: Finding, monitor: Any) -> Action | None:
-        ctx = monitor.context
-        if ctx is None or finding.step > self.max_step:
+    def respond(self, finding: Finding, ctx: Any) -> Action | None:
+        training = ctx.context
+        if training is None or finding.step > self.max_step:
             return None
         key = f"{finding.rule}:{finding.layer}"
         if key in self.done or (
@@ -142,11 +142,11 @@ class Reinitialize(Remedy):
         ):
             return None
         gen = torch.Generator().manual_seed(self.seed + finding.step)
-        modules = list(ctx.model.named_modules())
-        optimizers = ctx.optimizers()
+        modules = list(training.model.named_modules())
+        optimizers = training.optimizers()
         with torch.no_grad():
             if finding.rule == "dead_units":
-                detail = self._dead(finding.layer, modules, monitor, optimizers, gen)
+                detail = self._dead(finding.layer, modules, ctx, optimizers, gen)
             elif finding.rule == "saturated_activations":
                 detail = self._saturated(finding.layer, modules, optimizers, gen)
             else:
@@ -174,11 +174,11 @@ class Reinitialize(Remedy):
         self,
         layer: str | None,
         modules: list[tuple[str, nn.Module]],
-        monitor: Any,
+        ctx: Any,
         optimizers: list[torch.optim.Optimizer],
         gen: torch.Generator,
     ) -> dict[str, Any] | None:
-        activity = monitor.unit_activity(layer)
+        activity = ctx.unit_activity(layer)
         found = self._producer(layer, modules)
         if activity is None or found is None:
             return None

@@ -17,7 +17,7 @@ class Rollback(Remedy):
     more, down to the learning rate the snapshot was taken with, when a schedule has raised it since
     (the schedule resumes from the snapshot, so the step that raised it comes again, lower).
 
-    Snapshots are taken by the monitor on reads with no warning or critical finding and no open episode,
+    Snapshots are taken (:class:`~gradwatch.remedies.snapshots.SnapshotPolicy`) on reads with no unstable finding and no open unstable episode,
     every ``snapshot_every`` steps (default: every 20 at most, and no more often than keeps the copying
     under 0.25% of the training time), copied to host memory, ``keep`` (2) of them; their size is in
     the summary. Answers non-finite *weights* (the model is corrupted), repeated non-finite steps (after
@@ -44,22 +44,23 @@ class Rollback(Remedy):
         )
         self.margin = int(check_threshold("Rollback", "margin", margin, low=-1, example=20))
 
-    def respond(self, finding: Finding, monitor: Any) -> Action | None:
+    def respond(self, finding: Finding, ctx: Any) -> Action | None:
         if finding.rule == "nonfinite" and "nonfinite_layers" not in finding.evidence:
-            if "loss_scale" in finding.evidence or monitor.skip is not None:
+            if "loss_scale" in finding.evidence or ctx.skipping:
                 return None  # the scaler's business, or skip_step's (which escalates here when it repeats)
-        return self.restore(finding, monitor)
+        return self.restore(finding, ctx)
 
-    def restore(self, finding: Finding, monitor: Any) -> Action | None:
-        ctx, snaps = monitor.context, monitor.snapshots
-        if ctx is None or not snaps.ring:
+    def restore(self, finding: Finding, ctx: Any) -> Action | None:
+        """Load the newest snapshot old enough for ``finding`` (``ctx``: a RemedyContext)."""
+        training, snaps = ctx.context, ctx.snapshots
+        if training is None or not snaps.ring:
             return None
         while len(snaps.ring) > 1 and snaps.ring[-1].step > finding.step - self.margin:
             snaps.ring.pop()
-        before = first_lr(monitor)
-        snap = snaps.restore(ctx)
-        monitor.lr.restored(snap.lr_applied)  # the restored optimizers hold the multiplier of that time
-        for p in ctx.model.parameters():
+        before = first_lr(ctx)
+        snap = snaps.restore(training)
+        ctx.lr.restored(snap.lr_applied)  # the restored optimizers hold the multiplier of that time
+        for p in training.model.parameters():
             p.grad = None  # nothing of the bad step leaks into the next one
         factor = self.lr_factor
         if finding.rule == "divergence":
@@ -68,8 +69,8 @@ class Rollback(Remedy):
                 factor = min(factor, snap.lr / before)
         lowered = factor < 1
         if lowered:
-            monitor.lr.scale(factor)
-        after = first_lr(monitor)
+            ctx.lr.scale(factor)
+        after = first_lr(ctx)
         message = (
             f"restored the state of step {snap.step} ({snap.nbytes / 2**20:.1f} MiB from host memory)"
             + (f" and lowered the learning rate {1 / factor:.3g}x" if lowered else "")

@@ -10,6 +10,7 @@ import torch
 
 from gradwatch.errors import check_positive_int
 from gradwatch.findings import Action, Finding
+from gradwatch.internals import arm_found_inf, clear_found_inf, foreach_copy_
 from gradwatch.remedies.base import Remedy
 
 
@@ -42,7 +43,7 @@ class SkipStep(Remedy):
     end of the run.
 
     After ``max_consecutive`` (3) skipped steps in a row the run is not recovering by skipping: the
-    monitor escalates to ``rollback`` when it is enabled.
+    guard (remedies/guard.py) escalates to ``rollback`` when it is enabled.
     """
 
     name = "skip_step"
@@ -85,10 +86,7 @@ class SkipStep(Remedy):
         """Hand the fused optimizer the device flag for this step: 1.0 (skip) when the total squared norm
         ``sq`` is not finite, as ``GradScaler.step`` hands it ``found_inf``. A step post-hook takes the
         flag away as soon as that step has run, so no later ``step()`` can use it."""
-        flag = torch.isfinite(sq).logical_not().float()
-        flag._gradwatch_skip = True  # ours: disarm leaves a GradScaler's own found_inf alone
-        optimizer.grad_scale = None
-        optimizer.found_inf = flag
+        arm_found_inf(optimizer, torch.isfinite(sq).logical_not().float())
         if optimizer not in self._post_hooks:
             self._post_hooks[optimizer] = optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: SkipStep.disarm(opt)
@@ -104,11 +102,7 @@ class SkipStep(Remedy):
     def disarm(optimizer: torch.optim.Optimizer) -> None:
         """After the optimizer stepped: gradwatch's flag is for that one step only. A flag GradScaler set
         (it arms fused optimizers the same way, and removes them itself) is not touched."""
-        state = vars(optimizer)
-        if getattr(state.get("found_inf"), "_gradwatch_skip", False):
-            del state["found_inf"]
-            if "grad_scale" in state and state["grad_scale"] is None:
-                del state["grad_scale"]
+        clear_found_inf(optimizer)
 
     def tally(self, step: int, skipped: bool) -> None:
         """Count a decided step towards ``max_consecutive`` (once per step, whatever the optimizers)."""
@@ -119,12 +113,12 @@ class SkipStep(Remedy):
     def save_buffers(self) -> None:
         """At the start of a step: keep the buffers (BatchNorm running statistics) as they are."""
         if self._buffers:
-            torch._foreach_copy_(self._saved, self._buffers)
+            foreach_copy_(self._saved, self._buffers)
 
     def restore_buffers(self) -> None:
         """On a skipped step: undo what its forward pass did to the buffers."""
         if self._buffers:
-            torch._foreach_copy_(self._buffers, self._saved)
+            foreach_copy_(self._buffers, self._saved)
 
     def decide(self, step: int, sq: float, norms: torch.Tensor, reduce_any: Any) -> tuple[bool, float, int]:
         """Whether to skip, from the step's total squared gradient norm (already read to the host);
@@ -153,8 +147,8 @@ class SkipStep(Remedy):
         }
         return self.record(Action(self.name, step, "nonfinite", detail, epoch, message))
 
-    def respond(self, finding: Finding, monitor: Any) -> Action | None:
-        return None  # acts per step, in the gradient hook, before the finding is read
+    def respond(self, finding: Finding, ctx: Any) -> Action | None:
+        return None  # acts per step (remedies/guard.py), before the finding is read
 
     def new_run(self) -> None:
         super().new_run()

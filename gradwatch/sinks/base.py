@@ -18,6 +18,12 @@ class Sink:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalar statistics at ``step``; keys are TensorBoard tags under ``gradwatch/``."""
 
+    def read(self, stats: Any, notable: set[int]) -> None:
+        """A read's :class:`~gradwatch.stats.Stats`; ``notable``: steps with a finding or an action."""
+
+    def close_curves(self) -> None:
+        """Write what :meth:`read` kept back (the end of the run, or a finding that makes it notable)."""
+
     def finding(self, finding: Finding) -> None:
         """A new finding."""
 

@@ -8,6 +8,26 @@ from typing import Any
 from gradwatch.findings import Action, Finding, Severity
 
 
+class Ranges:
+    """The first, lowest, highest and last finite value of the loss and the gradient norm, for the summary."""
+
+    def __init__(self, ranges: dict[str, dict[str, float]] | None = None) -> None:
+        self.ranges: dict[str, dict[str, float]] = {k: dict(v) for k, v in (ranges or {}).items()}
+
+    def track(self, stats: Any) -> None:
+        """Every step of a read (:class:`~gradwatch.stats.Stats`)."""
+        self._track("grad_norm", [rec.grad_norm for rec in stats.steps])
+        self._track("loss", [rec.loss for rec in stats.steps if rec.loss is not None])
+
+    def _track(self, name: str, values: list[float]) -> None:
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            return
+        low, high = min(finite), max(finite)
+        r = self.ranges.setdefault(name, {"first": finite[0], "min": low, "max": high, "last": finite[-1]})
+        r["min"], r["max"], r["last"] = min(r["min"], low), max(r["max"], high), finite[-1]
+
+
 def build_summary(
     findings: list[Finding],
     actions: list[Action],

@@ -2,7 +2,8 @@
 
 Scalars go to every logger with ``log_metrics`` (TensorBoardLogger, CSVLogger, ...). Findings and
 actions are also written as TensorBoard text, and a custom-scalars layout is registered once, when
-the trainer has a TensorBoardLogger.
+the trainer has a TensorBoardLogger. Which rows a read writes, under which tags, is
+:class:`~gradwatch.sinks.tensorboard_rows.Rows`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ import re
 from typing import Any
 
 from gradwatch.findings import Action, Finding
+from gradwatch.internals import event_file_writer, is_tensorboard_logger
 from gradwatch.sinks.base import Sink
-
-
-def is_tensorboard_logger(logger: Any) -> bool:
-    """True for Lightning's TensorBoardLogger from either package (``pytorch_lightning`` or ``lightning``)."""
-    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
+from gradwatch.sinks.tensorboard_rows import Rows
 
 
 def scalar_writer(logger: Any) -> Any | None:
@@ -29,14 +27,10 @@ def scalar_writer(logger: Any) -> Any | None:
     event, read back identically (same tags, steps and float32 values:
     ``tests/test_sinks.py::test_one_event_per_step_matches_log_metrics``).
 
-    Private access, isolated here: ``SummaryWriter._get_file_writer()`` and the logger's ``_prefix`` (a
-    prefixed logger, or a writer without that method, keeps ``log_metrics``).
+    Private access: :func:`gradwatch.internals.event_file_writer` (a prefixed logger, or a writer without
+    that method, keeps ``log_metrics``).
     """
-    if not is_tensorboard_logger(logger) or getattr(logger, "_prefix", ""):
-        return None
-    get = getattr(logger.experiment, "_get_file_writer", None)
-    writer = get() if callable(get) else None
-    return writer if callable(getattr(writer, "add_summary", None)) else None
+    return event_file_writer(logger)
 
 
 def scalars_summary(values: dict[str, float]) -> Any:
@@ -125,17 +119,23 @@ def finding_markdown(f: Finding) -> str:
 
 
 class TensorBoard(Sink):
-    """Writes through ``loggers`` (the trainer's). With no logger it writes nothing."""
+    """Writes through ``loggers`` (the trainer's). With no logger it writes nothing.
+
+    ``log_every_n_steps``: per-step rows every this many steps, and at every notable step (see
+    :class:`~gradwatch.sinks.tensorboard_rows.Rows`); Lightning's ``Trainer(log_every_n_steps=...)``.
+    """
 
     name = "tensorboard"
 
-    def __init__(self, loggers: list[Any]) -> None:
+    def __init__(self, loggers: list[Any], log_every_n_steps: int = 50) -> None:
         self.loggers = list(loggers)
+        self.rows = Rows(log_every_n_steps, self.scalars)
         self._tb = [lg for lg in self.loggers if is_tensorboard_logger(lg)]
         self._writers: list[tuple[Any, Any | None]] | None = None  # (logger, event writer or None)
 
     def start(self, meta: dict[str, Any]) -> None:
         per_layer = meta.get("per_layer", False)
+        self.rows.start(per_layer)
         layers = meta.get("layers", []) if per_layer else []
         modules = meta.get("modules", []) if per_layer else []
         for lg in self._tb:
@@ -153,6 +153,12 @@ class TensorBoard(Sink):
             else:  # one event for the step's scalars (see scalar_writer)
                 summary = summary if summary is not None else scalars_summary(values)
                 writer.add_summary(summary, step)
+
+    def read(self, stats: Any, notable: set[int]) -> None:
+        self.rows.read(stats, notable)
+
+    def close_curves(self) -> None:
+        self.rows.close_curves()
 
     def _text(self, tag: str, text: str, step: int, flush: bool = True) -> None:
         for lg in self._tb:

@@ -1,0 +1,116 @@
+"""The read: everything pending goes to the host in one transfer and comes back as :class:`Stats`.
+
+What a read carries (each with how ranks combine it, by name): the per-step rows (``ROW_FIELDS``), the
+scheduled step's per-layer gradient norms, clipping coefficients, per-layer weight norms and update
+ratios (measured now, after the step), and the activation and input summaries the probes queued.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradwatch.distributed import MEAN, PARAM, SUM
+from gradwatch.probes import ParamLayout, WeightProbe
+from gradwatch.recorder import StepRow, derive
+from gradwatch.stats import ROW_FIELDS, ActivationStats, InputStats, Stats, StepRecord, Transfer
+
+
+@dataclass
+class Read:
+    """One read's outcome: the statistics, and the clipping coefficient of each step (or ``None``)."""
+
+    stats: Stats
+    clips: np.ndarray | None
+
+
+def read(
+    rows: list[StepRow],
+    transfer: Transfer,
+    layout: ParamLayout,
+    *,
+    grad_layers: torch.Tensor | None,
+    weights: WeightProbe | None,
+    clipping: bool,
+    activation_names: tuple[list[str], list[str]] | None,
+    val_loss: float | None,
+    across_ranks: bool,
+) -> Read:
+    """Queue the rows and the scheduled step's weight statistics on ``transfer`` (which already holds
+    what the probes queued), read it once, and build the :class:`Stats` the detectors judge."""
+    transfer.add("rows", derive(rows, len(layout), layout.device), tuple(ROW_FIELDS.values()))
+    if grad_layers is not None:
+        transfer.add("grad_layers", grad_layers, PARAM)
+    if clipping:
+        device = layout.device
+        coefs = [torch.as_tensor(r.clip, device=device).float().reshape(()) for r in rows]
+        transfer.add("clips", torch.stack(coefs), MEAN)
+    if weights is not None:  # a scheduled step: the weights as this step updated them
+        w_sq, w_bad, update = weights.measure()
+        transfer.add("weight_sq", w_sq, PARAM)
+        transfer.add("weight_bad", w_bad, SUM)
+        if update is not None:
+            transfer.add("update", update, PARAM)
+    host = transfer.read(across_ranks=across_ranks, sharded=layout.sharded)
+    stats = build_stats(rows, host, layout, activation_names, val_loss)
+    return Read(stats, host.get("clips"))
+
+
+def build_stats(
+    rows: list[StepRow],
+    host: dict[str, Any],
+    layout: ParamLayout,
+    activation_names: tuple[list[str], list[str]] | None,
+    val_loss: float | None,
+) -> Stats:
+    names, layers = layout.names, layout.layers
+    records = []
+    # Python floats, not NumPy scalars: the loop below does a dozen operations on each
+    for r, (loss, gsq, count, first_x_bad, bad, scale, skipped) in zip(
+        rows,
+        host["rows"].tolist(),  # sync: none, a NumPy array already on the host
+        strict=True,
+    ):
+        first_i = round(first_x_bad / bad) if bad > 0 else -1  # ranks agree under DDP: exact
+        records.append(
+            StepRecord(
+                step=r.step,
+                epoch=r.epoch,
+                loss=float(loss) if r.losses else None,
+                grad_norm=math.sqrt(gsq) if gsq >= 0 else math.nan,
+                grad_nonfinite=math.ceil(count - 1e-3) if math.isfinite(count) else 0,
+                first_nonfinite=names[first_i] if 0 <= first_i < len(names) else None,
+                lr=r.lr,
+                loss_scale=float(scale) if math.isfinite(scale) else None,
+                scaler_skipped=bool(skipped > 0),
+            )
+        )
+    last = rows[-1]
+    stats = Stats(step=last.step, epoch=last.epoch, steps=records, val_loss=val_loss)
+    if "grad_layers" in host:
+        stats.grad_norm = {n: math.sqrt(v) for n, v in zip(layers, host["grad_layers"], strict=True)}
+    if "weight_sq" in host:
+        stats.weight_norm = {
+            n: (math.nan if bad > 0 else math.sqrt(v))
+            for n, v, bad in zip(layers, host["weight_sq"], host["weight_bad"], strict=True)
+        }
+    if "update" in host:
+        upd, before = host["update"]
+        stats.update_ratio = {
+            n: math.sqrt(u) / math.sqrt(b) if b > 0 else math.nan
+            for n, u, b in zip(layers, upd, before, strict=True)
+        }
+        stats.update_ratio["total"] = math.sqrt(upd.sum()) / max(math.sqrt(before.sum()), 1e-30)
+    if "activations" in host and activation_names is not None:
+        act_names, kinds = activation_names
+        stats.activations = {
+            n: ActivationStats(k, *(float(x) for x in v))
+            for n, k, v in zip(act_names, kinds, host["activations"], strict=True)
+        }
+    if "inputs" in host:
+        stats.inputs = InputStats(*(float(x) for x in host["inputs"]))
+    return stats

@@ -1,0 +1,147 @@
+"""The ladder: which remedy answers a finding, in what order, within which budgets, and giving up.
+
+The :class:`Responder` is the only caller of ``Remedy.respond``. A finding gets at most one action: the
+first remedy of its rule's ladder that is ready (budget and cooldown, in the remedy's base class) and
+acts. When every remedy that answers a critical finding is spent, ``early_stop`` stops the run with a
+finding that says what was tried. After each read it also runs the snapshot policy, if rollback is on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from gradwatch.findings import Action, Finding
+from gradwatch.remedies.base import Remedy
+from gradwatch.remedies.context import RemedyContext
+from gradwatch.remedies.rollback import Rollback
+from gradwatch.remedies.snapshots import SnapshotPolicy
+from gradwatch.setups import needs_automatic_loop_message
+
+log = logging.getLogger("gradwatch")
+
+#: Which remedies answer a rule, first choice first (a finding gets one action: the first remedy that acts).
+LADDER: dict[str, tuple[str, ...]] = {
+    "nonfinite": ("skip_step", "rollback"),
+    "gradient_spike": ("clip_gradients",),
+    "exploding_gradients": ("reduce_lr", "rollback"),
+    "divergence": ("rollback", "reduce_lr"),
+    "update_ratio": ("reduce_lr",),
+    "dead_units": ("reinitialize",),
+    "saturated_activations": ("reinitialize",),
+    "poor_initialization": ("reinitialize",),
+    "overfitting": ("early_stop",),
+}
+
+#: Rules whose findings a rollback makes moot: they describe the state it just discarded.
+ROLLED_BACK_PAST = ("exploding_gradients", "divergence", "update_ratio", "gradient_spike", "loss_spike")
+
+Publish = Callable[[list[Finding]], None]
+Record = Callable[[Action], None]
+
+
+class Responder:
+    """Answers findings with the remedies of a run.
+
+    Args:
+        remedies: the run's remedies (their budgets and cooldowns are their own).
+        ctx: what remedies may touch.
+        publish: files a finding the responder raises itself (a give-up, an escalation).
+        record: files an action.
+        history: every action so far (recorded and pending), for a give-up to say what was tried.
+    """
+
+    def __init__(
+        self,
+        remedies: list[Remedy],
+        ctx: RemedyContext,
+        publish: Publish,
+        record: Record,
+        history: Callable[[], list[Action]],
+    ) -> None:
+        self.remedies = remedies
+        self.ctx = ctx
+        self.publish, self.record, self.history = publish, record, history
+        self._by_name = {r.name: r for r in remedies}
+        self.snapshot_policy = SnapshotPolicy(ctx.snapshots) if "rollback" in self._by_name else None
+        self._warned_manual: set[str] = set()
+
+    @property
+    def validation_rules(self) -> tuple[str, ...]:
+        """The rules judged at once at each validation: those early stopping answers, when it is on."""
+        early = self._by_name.get("early_stop")
+        return early.answers if early is not None and self.ctx.context is not None else ()
+
+    def respond(self, findings: list[Finding], restored: bool = False) -> None:
+        """Let the remedies answer new warning/critical findings, in ladder order; one action per finding.
+
+        ``restored``: per-step protection escalated to a rollback in this read, after its statistics were
+        measured: the non-finite values they show (weights included) are in the discarded state.
+        """
+        training = self.ctx.context
+        if training is None:
+            return
+        rolled_back = restored
+        moot = ROLLED_BACK_PAST + ("nonfinite",) if restored else ROLLED_BACK_PAST
+        for finding in findings:
+            if finding.severity == "info" or (rolled_back and finding.rule in moot):
+                continue  # a rollback in this read already went back past what these findings saw
+            order = LADDER.get(finding.rule, ())
+            answering = sorted(
+                (r for r in self.remedies if finding.rule in r.answers),
+                key=lambda r: order.index(r.name) if r.name in order else len(order),
+            )
+            acted = False
+            for remedy in answering:
+                if remedy.needs_automatic_loop and not training.automatic:
+                    self._warn_manual(remedy.name)
+                    continue
+                if not remedy.ready(finding.step):
+                    continue
+                action = remedy.respond(finding, self.ctx)
+                if action is not None:
+                    self.record(action)
+                    acted = True
+                    rolled_back = rolled_back or action.remedy == "rollback"
+                    break
+            spent = answering and all(r.spent for r in answering)
+            if not acted and spent and finding.severity == "critical":
+                self.give_up(finding, self.record)
+
+    def escalate(self, step: int, epoch: int, skipped: int, record: Record) -> bool:
+        """Skipping ``skipped`` steps in a row is not enough: roll back if possible, else (the ladder
+        spent) give up. Returns whether a snapshot was restored; ``False`` too while rollback is in its
+        cooldown (the skipping goes on meanwhile)."""
+        finding = Rollback.escalation(step, epoch, skipped)
+        rollback = self._by_name.get("rollback")
+        if rollback is not None and not rollback.spent:
+            if not rollback.ready(step):
+                return False
+            action = rollback.restore(finding, self.ctx)
+            if action is not None:
+                self.publish([finding])
+                record(action)
+                return True
+        self.give_up(finding, record)
+        return False
+
+    def give_up(self, finding: Finding, record: Record) -> None:
+        """The ladder for ``finding`` is spent: early_stop stops with a critical finding saying what was tried."""
+        early = self._by_name.get("early_stop")
+        if early is None or early.stopped:
+            return
+        tried = [a for a in self.history() if a.rule == finding.rule]
+        out = early.give_up(finding, tried, self.ctx)
+        if out is not None:
+            self.publish([out[0]])
+            record(out[1])
+
+    def after_read(self, step: int, new: list[Finding], detectors: list, stats: object) -> None:
+        """The snapshot policy's turn, once the read's findings are answered."""
+        if self.snapshot_policy is not None:
+            self.snapshot_policy.after_read(step, new, detectors, stats, self.ctx)
+
+    def _warn_manual(self, remedy: str) -> None:
+        if remedy not in self._warned_manual:
+            self._warned_manual.add(remedy)
+            log.warning("gradwatch: %s", needs_automatic_loop_message(remedy, {"manual_optimization": True}))

@@ -1,0 +1,199 @@
+"""Healthy states for rollback, the best weights for early stopping, and when a snapshot is taken.
+
+:class:`Snapshots` is the ring of healthy states in host memory; :class:`SnapshotPolicy` decides after
+each read whether the run is healthy enough to keep one; :class:`BestWeights` holds the weights with the
+lowest validation loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch.findings import Finding
+from gradwatch.remedies.context import Context
+
+
+def _to_host(obj: Any, reuse: Any = None) -> Any:
+    """Deep copy of a state dict with every tensor on the CPU (a private copy, safe from in-place updates).
+
+    ``reuse``: an older copy of the same structure whose host tensors may be overwritten (a snapshot the
+    ring is about to drop). Copying into them instead of allocating saves the allocation and its page
+    faults, most of a small model's snapshot time.
+    """
+    if isinstance(obj, torch.Tensor):
+        src = obj.detach()
+        if (
+            isinstance(reuse, torch.Tensor)
+            and reuse.shape == src.shape
+            and reuse.dtype == src.dtype
+            and reuse.device.type == "cpu"
+        ):
+            return reuse.copy_(src)  # sync (from a GPU): snapshots are taken rarely, on healthy reads
+        return src.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        old = reuse if isinstance(reuse, dict) else {}
+        return {k: _to_host(v, old.get(k)) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        old = reuse if isinstance(reuse, list | tuple) and len(reuse) == len(obj) else [None] * len(obj)
+        return type(obj)(_to_host(v, o) for v, o in zip(obj, old, strict=True))
+    return copy.deepcopy(obj)
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+@dataclass
+class Snapshot:
+    step: int
+    model: dict[str, Any]
+    optimizers: list[dict[str, Any]]
+    schedulers: list[dict[str, Any]]
+    scaler: dict[str, Any] | None
+    nbytes: int = 0
+    lr: float = float("nan")  # the learning rate the first param group stepped with at that time
+    lr_applied: float = 1.0  # the gradwatch multiplier included in the optimizers' learning rates
+
+
+@dataclass
+class Snapshots:
+    """A ring of the last ``keep`` healthy states (model, optimizers, schedulers, scaler) in host memory.
+
+    At most one every ``every_n_steps`` steps, and (unless ``max_overhead`` is ``None``) never more often
+    than keeps the time spent copying under ``max_overhead`` of the training time: a snapshot that took
+    ``d`` seconds waits at least ``d / max_overhead`` seconds of training before the next, so large models
+    snapshot less often.
+    """
+
+    keep: int = 2
+    every_n_steps: int = 20
+    max_overhead: float | None = 0.0025
+    ring: list[Snapshot] = field(default_factory=list)
+    peak_bytes: int = 0
+    last_seconds: float = 0.0
+    _last_time: float = 0.0
+
+    def due(self, step: int, timed: bool = True) -> bool:
+        """Whether a snapshot is due at ``step``. ``timed=False`` drops the time budget, which differs per
+        rank: under DDP every rank must keep the same snapshots, so only the step count decides."""
+        if not self.ring:
+            return True
+        if step - self.ring[-1].step < self.every_n_steps:
+            return False
+        if not timed or self.max_overhead is None:
+            return True
+        return (time.perf_counter() - self._last_time) * self.max_overhead >= self.last_seconds
+
+    def take(self, step: int, ctx: Context, lr: float = float("nan"), lr_applied: float = 1.0) -> Snapshot:
+        t0 = time.perf_counter()
+        # the snapshot leaving the ring lends its host tensors to the new one; it leaves first, so that
+        # a copy failing halfway never leaves a half-written snapshot in the ring
+        old = self.ring.pop(0) if len(self.ring) >= self.keep else None
+        old_opts = old.optimizers if old is not None else []
+        snap = Snapshot(
+            step=step,
+            model=_to_host(ctx.model.state_dict(), old.model if old is not None else None),
+            optimizers=[
+                _to_host(o.state_dict(), old_opts[i] if i < len(old_opts) else None)
+                for i, o in enumerate(ctx.optimizers())
+            ],
+            schedulers=[_to_host(s.state_dict()) for s in ctx.schedulers()],
+            scaler=_to_host(ctx.scaler.state_dict()) if ctx.scaler is not None else None,
+        )
+        snap.nbytes = _nbytes([snap.model, snap.optimizers])
+        snap.lr, snap.lr_applied = lr, lr_applied
+        self.ring = [*self.ring[-(self.keep - 1) :], snap] if self.keep > 1 else [snap]
+        self.peak_bytes = max(self.peak_bytes, sum(s.nbytes for s in self.ring))
+        self._last_time = time.perf_counter()
+        self.last_seconds = self._last_time - t0
+        return snap
+
+    def restore(self, ctx: Context) -> Snapshot | None:
+        """Load the newest snapshot into the live objects; ``None`` if there is none."""
+        if not self.ring:
+            return None
+        snap = self.ring[-1]
+        ctx.model.load_state_dict(snap.model)
+        for opt, state in zip(ctx.optimizers(), snap.optimizers, strict=False):
+            opt.load_state_dict(copy.deepcopy(state))
+        for sched, state in zip(ctx.schedulers(), snap.schedulers, strict=False):
+            sched.load_state_dict(copy.deepcopy(state))
+        if ctx.scaler is not None and snap.scaler is not None:
+            ctx.scaler.load_state_dict(snap.scaler)
+        return snap
+
+
+class BestWeights:
+    """The weights with the lowest validation loss so far, in host memory."""
+
+    def __init__(self) -> None:
+        self.loss = float("inf")
+        self.step = -1
+        self.state: dict[str, Any] | None = None
+
+    def offer(self, step: int, val_loss: float, model: nn.Module) -> bool:
+        if not val_loss < self.loss:
+            return False
+        self.loss, self.step, self.state = val_loss, step, _to_host(model.state_dict())
+        return True
+
+    def restore(self, model: nn.Module) -> bool:
+        if self.state is None:
+            return False
+        model.load_state_dict(self.state)
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.state) if self.state else 0
+
+
+#: Rules that mean the run is unstable: no rollback snapshot is taken while one is open.
+UNSTABLE = ("nonfinite", "gradient_spike", "loss_spike", "exploding_gradients", "divergence")
+
+
+def healthy(new: list[Finding], open_episodes: list[str], stats: Any) -> bool:
+    """Whether a read shows a state worth keeping for rollback: no sign of instability now, none still
+    open (``open_episodes``: the severities of the unstable rules' open episodes), no non-finite loss,
+    gradient or weight in what was read. Lasting conditions that a rollback would not cure (unnormalized
+    inputs, a plateau, dead units) do not count against it."""
+    if any(f.severity != "info" and f.rule in UNSTABLE for f in new):
+        return False
+    if any(sev != "info" for sev in open_episodes):
+        return False
+    if stats is None:
+        return True
+    if any(r.grad_nonfinite or (r.loss is not None and not math.isfinite(r.loss)) for r in stats.steps):
+        return False
+    return all(math.isfinite(v) for v in stats.weight_norm.values())
+
+
+class SnapshotPolicy:
+    """Takes a snapshot after a read when one is due (:meth:`Snapshots.due`) and the read is
+    :func:`healthy`. Under DDP only the step count decides, so every rank keeps the same snapshots."""
+
+    def __init__(self, snapshots: Snapshots) -> None:
+        self.snapshots = snapshots
+
+    def after_read(self, step: int, new: list[Finding], detectors: list[Any], stats: Any, ctx: Any) -> None:
+        training = ctx.context
+        if training is None or not self.snapshots.due(step, training.world_size == 1):
+            return
+        episodes = [sev for d in detectors if d.rule in UNSTABLE for sev in getattr(d, "active", {}).values()]
+        if not healthy(new, episodes, stats):
+            return
+        lr = stats.steps[-1].lr if stats is not None and stats.steps else None
+        self.snapshots.take(step, training, lr if lr is not None else math.nan, ctx.lr.applied)

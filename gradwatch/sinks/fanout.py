@@ -1,0 +1,88 @@
+"""One fan-out to every sink: rank zero writes, and a sink that fails is turned off, not the run.
+
+:func:`default_sinks` is the one place the standard sinks are set up, for the Lightning callback and
+for ``Watch`` alike: the events file, TensorBoard through the given loggers, logging, and alerts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gradwatch.findings import Action, Finding
+from gradwatch.sinks.alerts import Alerts
+from gradwatch.sinks.base import Sink
+from gradwatch.sinks.console import Console
+from gradwatch.sinks.events import EventsFile
+from gradwatch.sinks.tensorboard import TensorBoard
+
+log = logging.getLogger("gradwatch")
+
+
+def default_sinks(
+    config: Any, events_path: str | None, loggers: list[Any], log_every_n_steps: int
+) -> list[Sink]:
+    """The standard sinks of a run on rank zero (``config``: a :class:`gradwatch.config.Config`)."""
+    sinks: list[Sink] = [EventsFile(events_path)] if events_path is not None else []
+    every = log_every_n_steps if config.every_step else 1  # "scheduled": every row measured is written
+    sinks += [TensorBoard(loggers, log_every_n_steps=every), Console(config.print_summary)]
+    if config.targets:
+        sinks.append(Alerts(config.targets, run=config.name))
+    return sinks
+
+
+class SinkSet:
+    """Calls every sink in turn. A sink that raises is logged once (its name, the call, the error) and
+    dropped for the rest of the run; training goes on. Empty on ranks other than zero."""
+
+    def __init__(self, sinks: list[Sink] | None = None) -> None:
+        self.sinks: list[Sink] = list(sinks or [])
+
+    def __bool__(self) -> bool:
+        return bool(self.sinks)
+
+    def __iter__(self):  # noqa: ANN204 - iterator of Sink
+        return iter(list(self.sinks))
+
+    def _call(self, method: str, *args: Any) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as err:  # a sink's failure must never stop training
+                self.sinks.remove(sink)
+                log.warning(
+                    "gradwatch: the %s sink failed in %s (%s: %s); it is off for the rest of the run",
+                    sink.name or type(sink).__name__,
+                    method,
+                    type(err).__name__,
+                    err,
+                )
+                try:
+                    sink.close()
+                except Exception:  # noqa: BLE001 - closing a broken sink is best effort
+                    pass
+
+    def start(self, meta: dict[str, Any]) -> None:
+        self._call("start", meta)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._call("scalars", step, values)
+
+    def read(self, stats: Any, notable: set[int]) -> None:
+        self._call("read", stats, notable)
+
+    def close_curves(self) -> None:
+        self._call("close_curves")
+
+    def finding(self, finding: Finding) -> None:
+        self._call("finding", finding)
+
+    def action(self, action: Action) -> None:
+        self._call("action", action)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        self._call("summary", summary)
+
+    def close(self) -> None:
+        self._call("close")
+        self.sinks = []
