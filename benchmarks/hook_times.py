@@ -37,7 +37,7 @@ import overhead  # noqa: E402
 import gradwatch  # noqa: E402
 from gradwatch import hooks, monitor  # noqa: E402
 from gradwatch.probes import activations, gradients  # noqa: E402
-from gradwatch.remedies import context  # noqa: E402
+from gradwatch.remedies import guard, snapshots  # noqa: E402
 
 #: (owner, method, label): what is timed. Hooks first, then the parts inside them.
 PARTS = [
@@ -46,9 +46,9 @@ PARTS = [
     (hooks.HealthMonitorHooks, "on_train_batch_end", "on_train_batch_end"),
     (activations, "summarize", "activation summaries (in forward)"),
     (gradients.GradientProbe, "measure_raw", "  norms: _foreach_norm + stack"),
-    (monitor.Monitor, "_repair_gradients", "  skip decision + clipping"),
+    (guard.StepGuard, "repair", "  skip decision + clipping"),
     (monitor.Monitor, "flush", "  the read (every_n_steps)"),
-    (context.Snapshots, "take", "    rollback snapshot"),
+    (snapshots.Snapshots, "take", "    rollback snapshot"),
 ]
 TOTAL = {
     "on_train_batch_start",

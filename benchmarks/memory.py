@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         half = [s for s in log.samples if s[0] >= args.steps // 2]
         rss_slope = slope([(s, r) for s, r, _ in half])
         dev_slope = slope([(s, d / 1024) for s, _, d in half])
-        rows = len(mon.monitor._rows) if mon else 0
+        rows = len(mon.monitor.recorder.rows) if mon else 0
         findings = len(mon.findings) if mon else 0
         results.append((name, log.samples[0][1], log.samples[-1][1], rss_slope, dev_slope, rows, findings))
 

@@ -12,12 +12,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401 - gradwatch.testing's sync counter
 
 #: Wrappers whose ``.module`` is the user's model: Fabric's, DDP's, DataParallel's (by class name).
 WRAPPERS = ("_FabricModule", "DistributedDataParallel", "DataParallel")
 
 
 # ---------------------------------------------------------------------------------------------- torch
+
+
 def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """L2 norm of each tensor in float32, one fused kernel per device and dtype (``torch._foreach_norm``)."""
     return torch._foreach_norm(tensors, 2, dtype=torch.float32)

@@ -48,8 +48,8 @@ def check_loop(
     scaler: Any,
     log_every_n_steps: Any,
     tensorboard: Any,
-) -> tuple[list[Any], list[Any]]:
-    """Check ``Watch``'s own arguments; returns ``(optimizers, schedulers)`` as lists."""
+) -> tuple[list[Any], list[Any], Any]:
+    """Check ``Watch``'s own arguments; returns ``(optimizers, schedulers, Fabric's GradScaler or None)``."""
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model must be a torch.nn.Module, got {type(model).__name__}. Write e.g. Watch(model, optimizer)."
@@ -90,7 +90,18 @@ def check_loop(
         raise ConfigError(
             f"tensorboard must be True, False or a SummaryWriter, got {type(tensorboard).__name__}."
         )
-    return optimizers, schedulers
+    fabric = next((s for s in map(fabric_scaler, optimizers) if s is not None), None)
+    if scaler is not None and fabric is not None:
+        raise ConfigError(
+            "scaler: Fabric's 16-mixed precision already scales the loss with its own GradScaler, which "
+            "gradwatch finds through the optimizer. Write Watch(model, optimizer) without scaler=."
+        )
+    return optimizers, schedulers, fabric
+
+
+def enabled(scaler: Any) -> Any | None:
+    """``scaler`` if it is enabled, else ``None``."""
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def unscale(scaler: Any, optimizers: list[Any]) -> None:
@@ -115,8 +126,10 @@ def tensorboard_loggers(tensorboard: Any, log_dir: str | None) -> list[Any]:
     return [TensorBoardLogger(log_dir)] if tensorboard and log_dir is not None else []
 
 
-def reduce_any(device: torch.device) -> Any:
+def reduce_any(model: nn.Module) -> Any:
     """True on every rank if True on any rank: one small all-reduce, only when a step may be skipped."""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
 
     def reduce(decision: bool) -> bool:
         if world_size() <= 1:

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from gradwatch.distributed import MEAN, PARAM, SUM
-from gradwatch.probes import ParamLayout, WeightProbe
+from gradwatch.probes import ParamLayout
+from gradwatch.probes.probe_set import ProbeSet
 from gradwatch.recorder import StepRow, derive
-from gradwatch.stats import ROW_FIELDS, ActivationStats, InputStats, Stats, StepRecord, Transfer
+from gradwatch.stats import ROW_FIELDS, ActivationStats, InputStats, Stats, StepRecord
 
 
 @dataclass
@@ -30,27 +31,26 @@ class Read:
 
 def read(
     rows: list[StepRow],
-    transfer: Transfer,
-    layout: ParamLayout,
-    *,
     grad_layers: torch.Tensor | None,
-    weights: WeightProbe | None,
+    probes: ProbeSet,
+    scheduled: bool,
     clipping: bool,
-    activation_names: tuple[list[str], list[str]] | None,
     val_loss: float | None,
     across_ranks: bool,
 ) -> Read:
-    """Queue the rows and the scheduled step's weight statistics on ``transfer`` (which already holds
-    what the probes queued), read it once, and build the :class:`Stats` the detectors judge."""
+    """Queue the rows (and on a ``scheduled`` step the weight statistics, measured now, after the step)
+    with what the probes queued, read it all once, and build the :class:`Stats` the detectors judge.
+    ``clipping``: clip_gradients ran, so each row's coefficient is read too."""
+    transfer, activation_names = probes.take()
+    layout = probes.layout
     transfer.add("rows", derive(rows, len(layout), layout.device), tuple(ROW_FIELDS.values()))
     if grad_layers is not None:
         transfer.add("grad_layers", grad_layers, PARAM)
     if clipping:
-        device = layout.device
-        coefs = [torch.as_tensor(r.clip, device=device).float().reshape(()) for r in rows]
+        coefs = [torch.as_tensor(r.clip, device=layout.device).float().reshape(()) for r in rows]
         transfer.add("clips", torch.stack(coefs), MEAN)
-    if weights is not None:  # a scheduled step: the weights as this step updated them
-        w_sq, w_bad, update = weights.measure()
+    if scheduled:  # the weights as this step updated them
+        w_sq, w_bad, update = probes.weights.measure()
         transfer.add("weight_sq", w_sq, PARAM)
         transfer.add("weight_bad", w_bad, SUM)
         if update is not None:

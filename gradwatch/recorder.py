@@ -105,7 +105,8 @@ def derive(rows: list[StepRow], n_params: int, device: torch.device) -> torch.Te
         count = fin.logical_not().sum(1).float()
         lowest = torch.where(fin, n_params, rows[0].positions[0]).amin(1)
         first = torch.where(lowest < n_params, lowest, -1).float()
-        sq = (n * n).sum(1)
+        n64 = n.double()  # summed in float64, rounded once to the float32 row (Inf beyond its range)
+        sq = (n64 * n64).sum(1)
     else:  # several optimizers, or steps with different parameters: one row at a time
         per_row = []
         for r in rows:

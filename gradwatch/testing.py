@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from gradwatch.internals import TorchDispatchMode
 
 _aten = torch.ops.aten
 #: Ops that make the host wait for the device: ``.item()``, ``float()``, ``int()`` and ``bool()`` of a tensor.

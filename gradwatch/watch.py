@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradwatch.config import Config
+from gradwatch.config import OPTIONS_DOC, Config
 from gradwatch.distributed import world_size
 from gradwatch.errors import ConfigError
 from gradwatch.findings import Action, Finding
@@ -34,7 +34,7 @@ from gradwatch.loops import (
     STATUSES,
     check_loop,
     describe_loop,
-    fabric_scaler,
+    enabled,
     reduce_any,
     tensorboard_loggers,
     unscale,
@@ -52,15 +52,14 @@ LOOP_KEYWORDS = ("log_dir", "scheduler", "log_every_n_steps", "step_scheduler", 
 
 
 class Watch:
-    __doc__ = """Watch a plain PyTorch (or Lightning Fabric) training loop: call ``watch.step(loss)`` instead of
+    __doc__ = f"""Watch a plain PyTorch (or Lightning Fabric) training loop: call ``watch.step(loss)`` instead of
     ``optimizer.step()``.
 
     Args:
         model: the module being trained (a Fabric- or DDP-wrapped module is fine).
         optimizer: its optimizer, or a list of optimizers stepped together (Fabric's wrappers are fine).
-        log_dir: where to write: the events file at ``<log_dir>/gradwatch/events.jsonl`` and TensorBoard
-            event files in ``log_dir``. ``None``: no files (unless ``events_path`` is given); findings are
-            still logged and kept in :attr:`findings`.
+        log_dir: the events file goes to ``<log_dir>/gradwatch/events.jsonl``, TensorBoard event files to
+            ``log_dir``. ``None``: no files (unless ``events_path`` is given); findings are still logged.
         scheduler: an LR scheduler, or a list; stepped after each optimizer step (``step_scheduler``). The
             ``reduce_lr`` multiplier rides on its ``step``, so the two compose.
         log_every_n_steps: per-step TensorBoard rows (loss, gradient norm, LR) every this many steps, and
@@ -103,7 +102,7 @@ class Watch:
         **options: Any,
     ) -> None:
         self.config = Config.build("Watch", options, extra=LOOP_KEYWORDS)
-        optimizers, schedulers = check_loop(
+        optimizers, schedulers, fabric = check_loop(
             model, optimizer, scheduler, step_scheduler, log_dir, scaler, log_every_n_steps, tensorboard
         )
         self.monitor = Monitor(self.config)
@@ -115,12 +114,7 @@ class Watch:
         self.step_scheduler = step_scheduler
         self.scaler = scaler
         #: Fabric's own GradScaler (``precision="16-mixed"``), which Fabric's optimizer wrapper steps.
-        self.fabric_scaler = next((s for s in map(fabric_scaler, optimizers) if s is not None), None)
-        if scaler is not None and self.fabric_scaler is not None:
-            raise ConfigError(
-                "scaler: Fabric's 16-mixed precision already scales the loss with its own GradScaler, which "
-                "gradwatch finds through the optimizer. Write Watch(model, optimizer) without scaler=."
-            )
+        self.fabric_scaler = fabric
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
         self.name = self.config.name
         #: The optimizer step the next :meth:`step` records (0 first), like ``trainer.global_step``.
@@ -142,8 +136,6 @@ class Watch:
         if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:  # rank zero writes
             self._loggers = tensorboard_loggers(tensorboard, self.log_dir)
             sinks = default_sinks(self.config, events_path, self._loggers, log_every_n_steps)
-        first = next(self.module.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
         context = Context(
             model=self.module,
             optimizers=lambda: list(self._raw_optimizers),
@@ -151,7 +143,7 @@ class Watch:
             scaler=scaler if scaler is not None else self.fabric_scaler,
             request_stop=self._request_stop,
             automatic=True,
-            reduce_any=reduce_any(device),
+            reduce_any=reduce_any(self.module),
             world_size=world_size(),  # under DDP every rank keeps the same snapshots (step-only cadence)
         )
         setup = describe_loop(
@@ -214,28 +206,20 @@ class Watch:
             self.scaler = scaler
             self.monitor.context.scaler = scaler
             self.monitor.setup["scaler"] = type(scaler).__name__
-        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
-        fabric = (
-            self.fabric_scaler if self.fabric_scaler is not None and self.fabric_scaler.is_enabled() else None
-        )
+        scaler, fabric = enabled(self.scaler), enabled(self.fabric_scaler)
         # Fabric's scaler keys its state by the raw optimizer its precision plugin is handed
-        unscaler, targets = (
-            (scaler, self.optimizers) if scaler is not None else (fabric, self._raw_optimizers)
-        )
-        unscale(unscaler, targets)
+        if scaler is not None:
+            unscale(scaler, self.optimizers)
+        else:
+            unscale(fabric, self._raw_optimizers)
         step = self.global_step
         if not self.monitor.pass_over(step, self.epoch):  # measure="scheduled": between scheduled steps
             params = [
                 p for opt in self._raw_optimizers for group in opt.param_groups for p in group["params"]
             ]
-            self.monitor.before_optimizer_step(
-                step,
-                self.epoch,
-                params,
-                _lr_of(self._raw_optimizers[0]),
-                loss_scale=scale_tensor(scaler or fabric),
-                grads_scaled=False,  # unscaled above, also for fused optimizers
-            )
+            lr, scale = _lr_of(self._raw_optimizers[0]), scale_tensor(scaler or fabric)
+            # grads_scaled=False: unscaled above, also for fused optimizers
+            self.monitor.before_optimizer_step(step, self.epoch, params, lr, loss_scale=scale)
         for opt in self.optimizers:
             if scaler is not None:
                 scaler.step(opt)

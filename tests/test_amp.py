@@ -16,7 +16,7 @@ from models import DigitsMLP, trainer
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 import gradwatch
-from gradwatch.probes.amp import optimizer_handles_unscaling, scale_tensor, scaler_of
+from gradwatch.probes.amp import optimizer_handles_unscaling, scaler_of
 from gradwatch.probes.layout import layer_of
 from gradwatch.sinks.events import read_events
 

@@ -74,3 +74,12 @@ def test_every_private_access_works_on_the_installed_versions(tmp_path):
     assert internals.is_fabric_module(model) and isinstance(internals.unwrap_model(model), nn.Linear)
     assert isinstance(internals.fabric_scaler(opt), torch.amp.GradScaler)
     assert internals.fabric_scaler(torch.optim.SGD([w], lr=0.1)) is None
+
+
+def test_the_sync_counter_base_is_torchs_dispatch_mode():
+    """gradwatch.testing.SyncCounter is a TorchDispatchMode (torch.utils._python_dispatch, private)."""
+    from gradwatch.testing import SyncCounter
+
+    with SyncCounter() as counter:
+        float(torch.ones(()) * 2)
+    assert counter.count == 1

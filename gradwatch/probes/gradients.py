@@ -8,6 +8,8 @@ squared norms.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradwatch.distributed import local
@@ -18,6 +20,26 @@ from gradwatch.probes.layout import ParamLayout
 def foreach_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor, as one float32 vector on the tensors' device (no host sync)."""
     return torch.stack(foreach_norm(tensors))
+
+
+#: Where float32 overflows: a float64 value at or above it rounds to Inf in float32.
+FLOAT32_OVERFLOW = torch.finfo(torch.float32).max + 2.0**103
+
+
+def squared_total(norms: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of a norm vector as a 0-d float64 device tensor (no host read): skip_step's and
+    clipping's per-step number. Summed in float64, and Inf where the float32 rows (``recorder.derive``)
+    would overflow, so that a step is non-finite for skip_step exactly when it is in the rows.
+
+    Example:
+        >>> float(squared_total(torch.tensor([3.0, 4.0])))
+        25.0
+        >>> float(squared_total(torch.tensor([1e20, 1.0]))), float(squared_total(torch.tensor([float("nan")])))
+        (inf, nan)
+    """
+    n = norms.double()
+    sq = torch.dot(n, n)
+    return torch.where(sq >= FLOAT32_OVERFLOW, math.inf, sq)
 
 
 class GradientProbe:
@@ -86,4 +108,4 @@ def nonfinite_summary(
     count = fin.logical_not().sum()
     lowest = torch.where(fin, none, positions).amin()
     first = torch.where(lowest < none, lowest, -1)
-    return torch.dot(norms, norms), count, first
+    return squared_total(norms), count, first

@@ -37,10 +37,11 @@ class WeightProbe:
             params = self._params()
             norms = foreach_norms(params)
             before, self._before = self._before, None
-            rows = [norms.square(), torch.isfinite(norms).logical_not().to(norms.dtype)]
+            # squares summed per layer in float64 (one rounding to float32 at the read)
+            rows = [norms.double().square(), torch.isfinite(norms).logical_not().double()]
             if before is not None:
                 delta = foreach_sub(params, before)
-                rows += [foreach_norms(delta).square(), foreach_norms(before).square()]
+                rows += [foreach_norms(delta).double().square(), foreach_norms(before).double().square()]
             per = self.layout.per_layer(torch.stack(rows))
             return per[0], per[1], (per[2:] if len(rows) > 2 else None)
 

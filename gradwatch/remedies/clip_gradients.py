@@ -51,15 +51,13 @@ class ClipGradients(Remedy):
         Device ops only, no host read, every step. A non-finite step neither starts, moves nor counts
         towards the warm-up (the count of finite steps is a device tensor); :attr:`n` counts calls.
         """
-        norm = sq_total.detach().float().sqrt()
+        norm = sq_total.detach().double().sqrt()  # the running statistics in float64, like Python floats
         finite = torch.isfinite(norm)
         if self._mean is None or self._var is None or self._count is None:  # NaN until a finite norm
             self._mean, self._var = torch.full_like(norm, math.nan), torch.zeros_like(norm)
             self._count = torch.zeros_like(norm)
-        elif self._mean.device != norm.device:  # loaded from a checkpoint onto the host
-            self._mean, self._var, self._count = (
-                t.to(norm.device) for t in (self._mean, self._var, self._count)
-            )
+        elif self._mean.device != norm.device or self._mean.dtype != norm.dtype:  # loaded from a checkpoint
+            self._mean, self._var, self._count = (t.to(norm) for t in (self._mean, self._var, self._count))
         a = self.alpha
         started = torch.isfinite(self._mean)
         coef = torch.ones_like(norm)

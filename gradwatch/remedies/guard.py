@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gradwatch.findings import Action
+from gradwatch.probes.gradients import squared_total
 from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.context import Context
 from gradwatch.remedies.responder import Responder
@@ -36,6 +37,7 @@ class StepGuard:
         self.horizon = horizon
         #: Actions taken per step since the last read (skips, escalations); filed at the next read.
         self.pending: list[Action] = []
+        self.clipped_steps: set[int] = set()  # the steps clipped in the last read
 
     @property
     def active(self) -> bool:
@@ -77,7 +79,7 @@ class StepGuard:
         opts = ctx.optimizers()
         sq: torch.Tensor | None = None
         if self.skip is not None and not scaled and self.skip.ready(row.step):  # a GradScaler skips itself
-            sq = torch.dot(norms, norms)
+            sq = squared_total(norms)
             if self.skip.on_device(opts, ctx.world_size, self.horizon):
                 # no read: the fused optimizer skips on the device flag; counted at the next read
                 self.skip.arm(opts[0], sq)
@@ -97,7 +99,7 @@ class StepGuard:
                 return
         # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
         if self.clip is not None and grads and len(opts) == 1:
-            row.clip = self.clip.clip(grads, sq if sq is not None else torch.dot(norms, norms))
+            row.clip = self.clip.clip(grads, sq if sq is not None else squared_total(norms))
 
     def step_done(self, row: Any, optimizers: list[torch.optim.Optimizer]) -> None:
         """After the optimizer step: a device flag was for that one step."""
@@ -130,22 +132,22 @@ class StepGuard:
                     restored = self._escalate(r.step, r.epoch)
         return restored
 
-    def clipped(self, rows: list[Any], stats: Any, clips: Any) -> list[tuple[int, int, float, float]]:
-        """``(step, epoch, pre-clip norm, factor)`` of each step of a read that was clipped."""
-        if clips is None or self.clip is None:
-            return []
-        return [
-            (r.step, r.epoch, rec.grad_norm, float(c))
-            for r, rec, c in zip(rows, stats.steps, clips, strict=True)
-            if c < 1.0
-        ]
-
-    def clip_action(self, clipped: list[tuple[int, int, float, float]]) -> Action | None:
-        return self.clip.clipped(clipped) if clipped and self.clip is not None else None
-
-    def take_actions(self) -> list[Action]:
-        pending, self.pending = self.pending, []
-        return pending
+    def settle(self, rows: list[Any], stats: Any, clips: Any, escalate: bool) -> tuple[bool, list[Action]]:
+        """At a read: tally the skips decided on device (:meth:`tally`), then hand over the actions taken
+        since the last read, the clipping of this read's steps last (one action for all of them).
+        Returns ``(restored, actions)``; :attr:`clipped_steps` are the steps clipped in this read."""
+        restored = self.tally(rows, stats, escalate)
+        clipped = []
+        if clips is not None and self.clip is not None:
+            clipped = [
+                (r.step, r.epoch, rec.grad_norm, float(c))
+                for r, rec, c in zip(rows, stats.steps, clips, strict=True)
+                if c < 1.0
+            ]
+        self.clipped_steps = {c[0] for c in clipped}
+        actions, self.pending = self.pending, []
+        action = self.clip.clipped(clipped) if clipped else None
+        return restored, actions + ([action] if action is not None else [])
 
     def _escalate(self, step: int, epoch: int) -> bool:
         restored = self.responder.escalate(step, epoch, self.skip.consecutive, self.pending.append)

@@ -15,7 +15,7 @@ from gradwatch.findings import Action, Finding
 from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.context import RemedyContext
 from gradwatch.remedies.rollback import Rollback
-from gradwatch.remedies.snapshots import SnapshotPolicy
+from gradwatch.remedies.snapshots import BestWeights, SnapshotPolicy
 from gradwatch.setups import needs_automatic_loop_message
 
 log = logging.getLogger("gradwatch")
@@ -65,6 +65,13 @@ class Responder:
         self._by_name = {r.name: r for r in remedies}
         self.snapshot_policy = SnapshotPolicy(ctx.snapshots) if "rollback" in self._by_name else None
         self._warned_manual: set[str] = set()
+
+    def new_run(self) -> None:
+        """A new fit (not a resume): no snapshot or best weights of another run, no step-based state."""
+        self.ctx.snapshots.ring.clear()
+        self.ctx.best = BestWeights()
+        for remedy in self.remedies:
+            remedy.new_run()
 
     @property
     def validation_rules(self) -> tuple[str, ...]:

@@ -19,6 +19,9 @@ from torch import nn
 from gradwatch.findings import Finding
 from gradwatch.remedies.context import Context
 
+#: With the default ``snapshot_every=None``: the most of the training time rollback snapshots may take.
+AUTO_SNAPSHOT_OVERHEAD = 0.0025
+
 
 def _to_host(obj: Any, reuse: Any = None) -> Any:
     """Deep copy of a state dict with every tensor on the CPU (a private copy, safe from in-place updates).
@@ -85,6 +88,14 @@ class Snapshots:
     peak_bytes: int = 0
     last_seconds: float = 0.0
     _last_time: float = 0.0
+
+    @classmethod
+    def every(cls, snapshot_every: int | None, keep: int = 2) -> Snapshots:
+        """``snapshot_every=N``: every N steps at most; ``None``: every 20 at most, and copying at most
+        :data:`AUTO_SNAPSHOT_OVERHEAD` of the training time."""
+        if snapshot_every is None:
+            return cls(keep=keep, every_n_steps=20, max_overhead=AUTO_SNAPSHOT_OVERHEAD)
+        return cls(keep=keep, every_n_steps=snapshot_every, max_overhead=None)
 
     def due(self, step: int, timed: bool = True) -> bool:
         """Whether a snapshot is due at ``step``. ``timed=False`` drops the time budget, which differs per

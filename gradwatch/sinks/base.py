@@ -18,6 +18,10 @@ class Sink:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Scalar statistics at ``step``; keys are TensorBoard tags under ``gradwatch/``."""
 
+    def validation(self, step: int, val_loss: float) -> None:
+        """A validation loss, after optimizer step ``step``: a ``gradwatch/loss/val`` scalar by default."""
+        self.scalars(step, {"gradwatch/loss/val": val_loss})
+
     def read(self, stats: Any, notable: set[int]) -> None:
         """A read's :class:`~gradwatch.stats.Stats`; ``notable``: steps with a finding or an action."""
 

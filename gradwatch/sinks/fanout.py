@@ -68,6 +68,9 @@ class SinkSet:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self._call("scalars", step, values)
 
+    def validation(self, step: int, val_loss: float) -> None:
+        self._call("validation", step, val_loss)
+
     def read(self, stats: Any, notable: set[int]) -> None:
         self._call("read", stats, notable)
 

@@ -28,6 +28,28 @@ class Ranges:
         r["min"], r["max"], r["last"] = min(r["min"], low), max(r["max"], high), finite[-1]
 
 
+def run_summary(monitor: Any, status: str) -> dict[str, Any]:
+    """The summary of a monitor's run (a :class:`gradwatch.monitor.Monitor`, read through its attributes)."""
+    snapshots, best = monitor.snapshots, monitor.best
+    return build_summary(
+        monitor.findings,
+        monitor.actions,
+        status=status,
+        steps=monitor.last_step + 1,
+        epochs=monitor.last_epoch + 1,
+        remedies=[r.name for r in monitor.remedies],
+        ranges=monitor.ranges,
+        events_path=monitor.events_path,
+        memory={
+            "snapshot_mib": round(snapshots.peak_bytes / 2**20, 3),
+            "snapshots_kept": len(snapshots.ring),
+            "best_weights_mib": round(best.nbytes / 2**20, 3),
+        },
+        lr_multiplier=monitor.lr.multiplier,
+        setup=monitor.setup,
+    )
+
+
 def build_summary(
     findings: list[Finding],
     actions: list[Action],
@@ -38,8 +60,14 @@ def build_summary(
     remedies: list[str],
     ranges: dict[str, dict[str, float]],
     events_path: str | None,
+    memory: dict[str, Any] | None = None,
+    lr_multiplier: float = 1.0,
+    setup: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Group findings by rule (first step, count, worst severity, first layer) and actions by remedy."""
+    """Group findings by rule (first step, count, worst severity, first layer) and actions by remedy.
+
+    ``memory``: what remedies hold (snapshots, best weights); ``lr_multiplier``: gradwatch's LR multiplier,
+    written when it is not 1; ``setup``: the training setup (gradwatch.setups)."""
     rules: dict[str, dict[str, Any]] = {}
     for f in findings:
         row = rules.setdefault(
@@ -64,7 +92,7 @@ def build_summary(
             row["rules"].append(a.rule)
     worst = max((Severity(r["severity"]).rank for r in rules.values()), default=-1)
     verdict = {-1: "healthy", 0: "healthy", 1: "warnings", 2: "critical"}[worst]
-    return {
+    summary = {
         "status": status,
         "verdict": verdict,
         "steps": steps,
@@ -75,6 +103,13 @@ def build_summary(
         "ranges": ranges,
         "events_path": events_path,
     }
+    if memory is not None:
+        summary["memory"] = memory
+    if lr_multiplier != 1.0:
+        summary["lr_multiplier"] = lr_multiplier
+    if setup is not None:
+        summary["setup"] = dict(setup)
+    return summary
 
 
 def _fmt(x: Any) -> str:

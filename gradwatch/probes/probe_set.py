@@ -1,0 +1,93 @@
+"""The probes of one bound model, and what they queued for the next read.
+
+Gradient norms every measured step; on probe steps (see ``gradwatch/cadence.py``) the activation hooks,
+the input range and the weight copy behind update ratios. Everything stays on the device: the summaries
+go on a :class:`~gradwatch.stats.Transfer` that the read takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch.probes.activations import ActivationProbe
+from gradwatch.probes.gradients import GradientProbe
+from gradwatch.probes.inputs import input_stats
+from gradwatch.probes.layout import ParamLayout
+from gradwatch.probes.weights import WeightProbe
+from gradwatch.stats import Transfer
+
+
+class ProbeSet:
+    """``activations`` / ``inputs``: whether those heavy probes run at all."""
+
+    def __init__(self, model: nn.Module, activations: bool, inputs: bool) -> None:
+        self.layout = ParamLayout(model)
+        self.grads = GradientProbe(self.layout)
+        self.weights = WeightProbe(self.layout)
+        self.acts = ActivationProbe(model) if activations else None
+        self.inputs = inputs
+        self._transfer = Transfer()
+        self._act_names: tuple[list[str], list[str]] | None = None
+        self._probed_step: int | None = None
+
+    def names(self, per_layer: bool) -> dict[str, Any]:
+        """What sinks may lay out by name (TensorBoard's per-block charts; per-layer tags need per_layer)."""
+        modules = [n for n, _, _ in self.acts.modules] if self.acts is not None else []
+        return {"layers": list(self.layout.layers), "per_layer": per_layer, "modules": modules}
+
+    @property
+    def hooks_attached(self) -> bool:
+        return self.acts is not None and self.acts.attached
+
+    def measure_grads(
+        self, params: list[torch.Tensor], per_layer: bool, scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]] | None:
+        """The gradient probe's ``measure_raw``; ``scale``: gradients still multiplied by a GradScaler's
+        scale (an optimizer that unscales inside ``step``), divided out of the norms on device."""
+        measured = self.grads.measure_raw(params, per_layer=per_layer)
+        if measured is None or scale is None:
+            return measured
+        norms, positions, layers, grads = measured
+        inv = scale.detach().float().reciprocal()  # ||g / s|| = ||g|| * (1/s)
+        return norms * inv, positions, layers * inv.square() if layers is not None else None, grads
+
+    def start(self, step: int, batch: Any) -> None:
+        """A probe step's batch starts: attach the activation hooks and queue the input range (once a step)."""
+        if self._probed_step == step:
+            return
+        self._probed_step = step
+        if self.acts is not None:
+            self.acts.attach()
+        stats = input_stats(batch) if self.inputs else None
+        if stats is not None:
+            self._transfer.add("inputs", stats)
+
+    def end(self) -> None:
+        """A batch ended: detach the activation hooks, queue what they saw."""
+        if self.acts is None or not self.acts.attached:
+            return
+        self.acts.detach()
+        names, kinds, acts = self.acts.collect()
+        if acts is not None:
+            self._transfer.add("activations", acts)
+            self._act_names = (names, kinds)
+
+    def take(self) -> tuple[Transfer, tuple[list[str], list[str]] | None]:
+        """What the probes queued, for the read; the queue starts anew."""
+        transfer, names = self._transfer, self._act_names
+        self._transfer, self._act_names = Transfer(), None
+        return transfer, names
+
+    def unit_activity(self, module: str | None) -> torch.Tensor | None:
+        """Per-unit activity of ``module`` at the last sampled step (device vector), for remedies."""
+        return self.acts.activity.get(module) if self.acts is not None and module else None
+
+    def remove(self) -> None:
+        """Every hook off, the weight copy dropped."""
+        if self.acts is not None:
+            self.acts.remove()
+        self.weights.discard()
+        self._transfer, self._act_names, self._probed_step = Transfer(), None, None
