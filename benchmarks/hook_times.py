@@ -4,6 +4,7 @@
     python benchmarks/hook_times.py --remedies off      # observing only
     python benchmarks/hook_times.py --steps 600 --split 200
     python benchmarks/hook_times.py --remedies off --every 100 --measure scheduled
+    python benchmarks/hook_times.py --batch-size 256 --clip-on-device   # what clipping on device costs
 
 One warm-up fit, then one timed fit of ``--steps`` steps of the CPU workload in ``overhead.py``. Each
 timed part is a method wrapped with ``time.perf_counter``; the table gives microseconds per training
@@ -93,12 +94,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=20, help="every_n_steps (default 20)")
     p.add_argument("--measure", default="every_step", choices=["every_step", "scheduled"])
     p.add_argument("--no-probes", action="store_true", help="activations, inputs, update_ratio off")
+    p.add_argument("--batch-size", type=int, default=None, help="the CPU workload's batch (default 64)")
+    p.add_argument(
+        "--clip-on-device",
+        action="store_true",
+        help="clipping's device arithmetic even where skip_step read the squared norm (what it would cost)",
+    )
     args = p.parse_args(argv)
+    if args.clip_on_device:
+        from gradwatch.remedies.clip_gradients import ClipGradients
+
+        host = ClipGradients.clip
+
+        def on_device(self: Any, grads: Any, sq: Any) -> Any:
+            sq = torch.tensor(sq, dtype=torch.float64) if isinstance(sq, float) else sq
+            return host(self, grads, sq)
+
+        ClipGradients.clip = on_device
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "gradwatch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    wl = overhead.make_workload(argparse.Namespace(workload="cpu", cpu=True, batch_size=None, precision=None))
+    wl = overhead.make_workload(argparse.Namespace(workload="cpu", cpu=True, batch_size=args.batch_size, precision=None))
     clock = StepClock()
     spent = instrument(clock, args.split)
     root = tempfile.mkdtemp(prefix="gradwatch-hooks-")

@@ -541,26 +541,31 @@ class _ZClipReference:
     ids=["long", "leading_nans", "nans_between"],
 )
 def test_clipping_arithmetic_matches_a_plain_reference_and_ignores_non_finite_steps(norms):
-    """The device arithmetic clips the same steps by the same factors as ZClip's rule in plain Python; a
-    non-finite step, first or later, neither starts, moves nor counts for the norm; a checkpoint carries
-    the running statistics over."""
+    """Both arithmetics (host floats, where skip_step read the squared norm; device ops, where nothing
+    was read) clip the same steps by the same factors as ZClip's rule in plain Python; a non-finite step,
+    first or later, neither starts, moves nor counts for the norm; handing over from one path to the
+    other, or a checkpoint, carries the running statistics over."""
     warmup = 10 if len(norms) > 20 else 2
-    reference, device = _ZClipReference(warmup_steps=warmup), ClipGradients(warmup_steps=warmup)
+    reference = _ZClipReference(warmup_steps=warmup)
+    host, device = ClipGradients(warmup_steps=warmup), ClipGradients(warmup_steps=warmup)
     for x in norms:
-        g_dev = [torch.full((3,), x)]
         expected = reference.clip(x)
-        c_dev = float(device.clip(g_dev, torch.tensor(x * x)))
-        assert c_dev == pytest.approx(expected, rel=1e-5), (x, c_dev, expected)
+        g_host, g_dev = [torch.full((3,), x)], [torch.full((3,), x)]
+        c_host = host.clip(g_host, x * x)
+        c_dev = float(device.clip(g_dev, torch.tensor(x * x, dtype=torch.float64)))
+        assert c_host == pytest.approx(expected, rel=1e-9) and c_dev == pytest.approx(expected, rel=1e-9), x
         if math.isfinite(x):
-            assert torch.allclose(g_dev[0], torch.full((3,), x * expected), rtol=1e-5)
-    assert float(device._mean) == pytest.approx(reference.mean, rel=1e-5)
+            assert torch.allclose(g_dev[0], g_host[0], rtol=1e-6)
+            assert torch.allclose(g_host[0], torch.full((3,), x * expected), rtol=1e-6)
+    assert float(device._mean) == pytest.approx(reference.mean, rel=1e-9) == host._mean
     finite = sum(math.isfinite(x) for x in norms)
-    assert reference.n == device.state_dict()["n"] == finite  # the non-finite steps were not counted
+    assert reference.n == host.n == device.state_dict()["n"] == finite  # non-finite steps not counted
     resumed = ClipGradients(warmup_steps=warmup)
     resumed.load_state_dict(device.state_dict())
-    for x in (1.0, 100.0):  # after a resume it goes on as the reference does, and still clips
-        assert float(resumed.clip([torch.ones(1)], torch.tensor(x * x))) == pytest.approx(reference.clip(x), rel=1e-5)
-    assert reference.clip(100.0) < 1
+    for x, path in ((1.0, "device"), (2.0, "host"), (100.0, "device")):  # resumed, then hand-overs
+        sq = torch.tensor(x * x, dtype=torch.float64) if path == "device" else x * x
+        assert float(resumed.clip([torch.ones(1)], sq)) == pytest.approx(reference.clip(x), rel=1e-9), path
+    assert resumed.state_dict()["n"] == finite + 3 == reference.n
 
 
 def test_a_skipped_first_step_leaves_clipping_as_the_per_step_path_does(tmp_path, loaders):
@@ -612,4 +617,4 @@ def test_the_device_flag_is_gone_right_after_the_step_it_was_for(tmp_path, loade
     trainer(tmp_path, [mon], max_steps=6, logger=False).fit(TwoSteps(), loaders[0])
     assert seen == {"armed_after_step": False, "updated": True}
     assert [(a.remedy, a.step) for a in mon.actions] == [("skip_step", 3)]
-    assert not mon.monitor.skip._post_hooks  # removed when the fit ended
+    assert mon.monitor.skip.hooked == 0  # its step post-hook removed when the fit ended

@@ -79,18 +79,34 @@ def test_no_scalar_syncs_in_any_training_hook(tmp_path, loaders):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_remedies_auto_adds_exactly_the_skip_decision(tmp_path, loaders, device):
-    """remedies="auto": skip_step's decision is one read per step (the total squared gradient norm), the
-    same on the CPU and on CUDA (one code path), and adaptive clipping adds none: it works on the device
-    scalar that read came from."""
+def test_remedies_auto_adds_exactly_the_skip_decision(tmp_path, loaders, monkeypatch, device):
+    """remedies="auto": skip_step's decision is one read per step (the step's norm vector, summed on the
+    host), and adaptive clipping does its arithmetic on that same host number. On CUDA that read is one
+    copy to the host; on the CPU the vector is host memory and ``tolist()`` waits for nothing, so the
+    counter (which counts scalar reads and device copies) sees nothing there, and the reads themselves
+    are counted."""
+    from gradwatch.remedies import guard
+
+    reads: Counter[int] = Counter()
+    real = guard.host_squared_total
+
+    def counted(values):
+        reads[mon.step] += 1
+        return real(values)
+
+    monkeypatch.setattr(guard, "host_squared_total", counted)
     accelerator = "gpu" if device == "cuda" else "cpu"
+    per_step = 1 if device == "cuda" else 0
     mon = CountedMonitor(every_n_steps=5, per_layer=True)
     trainer(tmp_path, [mon], max_steps=20, accelerator=accelerator).fit(DigitsMLP(), loaders[0])
-    assert len(mon.syncs) >= 20 and set(mon.syncs.values()) == {1}, mon.syncs
+    assert len(mon.syncs) >= 20 and set(mon.syncs.values()) == {per_step}, mon.syncs
+    assert reads == {s: 1 for s in range(20)}  # one read per step, shared by skip_step and clipping
     assert any(a.remedy == "clip_gradients" for a in mon.actions) or mon.monitor.clip.n == 20
-    only_skip = CountedMonitor(every_n_steps=5, per_layer=True, remedies=["skip_step"])
+    reads.clear()
+    mon = only_skip = CountedMonitor(every_n_steps=5, per_layer=True, remedies=["skip_step"])
     trainer(tmp_path, [only_skip], max_steps=20, accelerator=accelerator).fit(DigitsMLP(), loaders[0])
-    assert set(only_skip.syncs.values()) == {1}, only_skip.syncs
+    assert set(only_skip.syncs.values()) == {per_step}, only_skip.syncs
+    assert reads == {s: 1 for s in range(20)}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])

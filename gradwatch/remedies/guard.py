@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gradwatch.findings import Action
-from gradwatch.probes.gradients import squared_total
+from gradwatch.probes.gradients import host_squared_total, squared_total
 from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.context import Context
 from gradwatch.remedies.responder import Responder
@@ -77,18 +77,19 @@ class StepGuard:
         device flag (:meth:`SkipStep.on_device`). ``row`` is the step's record (:class:`StepRow`).
         """
         opts = ctx.optimizers()
-        sq: torch.Tensor | None = None
+        sq: torch.Tensor | float | None = None  # a host float once skip_step's decision has read it
         if self.skip is not None and not scaled and self.skip.ready(row.step):  # a GradScaler skips itself
-            sq = squared_total(norms)
             if self.skip.on_device(opts, ctx.world_size, self.horizon):
                 # no read: the fused optimizer skips on the device flag; counted at the next read
+                sq = squared_total(norms)
                 self.skip.arm(opts[0], sq)
                 row.device_skip = True
                 if self.clip is not None and grads:
                     row.clip = self.clip.clip(grads, sq)
                 return
-            sq_host = float(sq)  # sync: skip_step's decision, the one read per step
-            skip, norm, bad = self.skip.decide(row.step, sq_host, norms, ctx.reduce_any)
+            values = norms.tolist()  # sync: skip_step's decision, the one read per step
+            sq = host_squared_total(values)
+            skip, norm, bad = self.skip.decide(row.step, sq, values, ctx.reduce_any)
             if skip:
                 for p in params:
                     p.grad = None  # torch optimizers leave parameters without a gradient untouched

@@ -92,6 +92,11 @@ class SkipStep(Remedy):
                 lambda opt, args, kwargs: SkipStep.disarm(opt)
             )
 
+    @property
+    def hooked(self) -> int:
+        """How many optimizers carry this remedy's disarming step post-hook (0 once a run ended)."""
+        return len(self._post_hooks)
+
     def remove_hooks(self) -> None:
         """At the end of a run: the optimizers' disarming hooks go."""
         for handle in list(self._post_hooks.values()):
@@ -120,9 +125,9 @@ class SkipStep(Remedy):
         if self._buffers:
             foreach_copy_(self._buffers, self._saved)
 
-    def decide(self, step: int, sq: float, norms: torch.Tensor, reduce_any: Any) -> tuple[bool, float, int]:
-        """Whether to skip, from the step's total squared gradient norm (already read to the host);
-        returns ``(skip, grad_norm, nonfinite_params)``.
+    def decide(self, step: int, sq: float, norms: list[float], reduce_any: Any) -> tuple[bool, float, int]:
+        """Whether to skip, from the step's total squared gradient norm and its per-parameter norms (read
+        to the host); returns ``(skip, grad_norm, nonfinite_params)``.
 
         With several optimizers in one step (manual optimization) each is decided on its own gradients,
         but the step counts once towards ``max_consecutive``.
@@ -131,7 +136,7 @@ class SkipStep(Remedy):
         self.tally(step, skip)
         if not skip:
             return False, math.sqrt(sq), 0
-        bad = int((~torch.isfinite(norms)).sum())  # sync: only on a skipped step, for its report
+        bad = sum(not math.isfinite(v) for v in norms)
         return True, math.sqrt(sq) if sq >= 0 else math.nan, bad
 
     def skipped(self, step: int, epoch: int, grad_norm: float, nonfinite: int) -> Action:
