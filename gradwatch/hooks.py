@@ -125,9 +125,7 @@ class HealthMonitorHooks:
             trainer.log_dir or trainer.default_root_dir, "gradwatch", "events.jsonl"
         )
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
-        sinks = (
-            default_sinks(self.config, events_path, trainer.loggers, every) if trainer.is_global_zero else []
-        )
+        sinks = default_sinks(self.config, events_path, trainer.loggers, every, trainer.is_global_zero)
         self._progress.attach(trainer)
         self._scaler = scaler_of(trainer)  # the precision plugin is set for the whole fit
         setup = describe_setup(trainer, pl_module)

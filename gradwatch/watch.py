@@ -44,7 +44,6 @@ from gradwatch.monitor import Monitor, log
 from gradwatch.probes.amp import scale_tensor
 from gradwatch.remedies import Context
 from gradwatch.setups import format_setup
-from gradwatch.sinks import Sink
 from gradwatch.sinks.fanout import default_sinks
 
 #: Watch's own keywords, besides the options every monitor takes (gradwatch/config.py).
@@ -131,11 +130,9 @@ class Watch:
         events_path = self.config.events_file
         if events_path is None and self.log_dir is not None:
             events_path = os.path.join(self.log_dir, "gradwatch", "events.jsonl")
-        self._loggers: list[Any] = []
-        sinks: list[Sink] = []
-        if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:  # rank zero writes
-            self._loggers = tensorboard_loggers(tensorboard, self.log_dir)
-            sinks = default_sinks(self.config, events_path, self._loggers, log_every_n_steps)
+        rank_zero = not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
+        self._loggers = tensorboard_loggers(tensorboard, self.log_dir) if rank_zero else []
+        sinks = default_sinks(self.config, events_path, self._loggers, log_every_n_steps, rank_zero)
         context = Context(
             model=self.module,
             optimizers=lambda: list(self._raw_optimizers),

@@ -278,3 +278,18 @@ def test_one_event_per_step_matches_log_metrics(tmp_path):
         assert all(
             x == y or (math.isnan(x) and math.isnan(y)) for (_, x), (_, y) in zip(got, want, strict=True)
         ), tag
+
+
+def test_a_sink_that_fails_is_turned_off_and_training_goes_on(tmp_path, loaders, caplog):
+    """An events file that cannot be written (``/dev/full``: every write fails with ENOSPC) is logged once
+    and turned off; the fit finishes, the other sinks (TensorBoard) keep writing, findings are kept."""
+    mon = gradwatch.HealthMonitor(every_n_steps=5, events_path="/dev/full", print_summary=False)
+    t = trainer(tmp_path, [mon], max_steps=20)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        t.fit(DigitsMLP(nan_at_step=3), loaders[0])
+    assert t.state.finished and t.global_step == 20
+    assert any(f.rule == "nonfinite" for f in mon.findings)
+    failed = [r.getMessage() for r in caplog.records if "sink failed" in r.getMessage()]
+    assert len(failed) == 1 and "the events sink failed" in failed[0], failed
+    tags = EventAccumulator(t.logger.log_dir).Reload().Tags()["scalars"]
+    assert "gradwatch/grad_norm/total" in tags

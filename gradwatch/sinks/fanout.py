@@ -20,9 +20,12 @@ log = logging.getLogger("gradwatch")
 
 
 def default_sinks(
-    config: Any, events_path: str | None, loggers: list[Any], log_every_n_steps: int
+    config: Any, events_path: str | None, loggers: list[Any], log_every_n_steps: int, rank_zero: bool
 ) -> list[Sink]:
-    """The standard sinks of a run on rank zero (``config``: a :class:`gradwatch.config.Config`)."""
+    """The standard sinks of a run (``config``: a :class:`gradwatch.config.Config`): rank zero writes,
+    the other ranks get none."""
+    if not rank_zero:
+        return []
     sinks: list[Sink] = [EventsFile(events_path)] if events_path is not None else []
     every = log_every_n_steps if config.every_step else 1  # "scheduled": every row measured is written
     sinks += [TensorBoard(loggers, log_every_n_steps=every), Console(config.print_summary)]
