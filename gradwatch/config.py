@@ -159,11 +159,11 @@ class Config:
         if self.snapshot_every is not None:
             check_positive_int("snapshot_every", self.snapshot_every, 20)
         check_positive_int("snapshots", self.snapshots, 2)
-        for name in ("name", "val_loss_key"):
+        for name, example in (("name", "baseline"), ("val_loss_key", "val_loss")):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(
-                    f'{name} must be a str or None, got {value!r}. Write e.g. {name}="val_loss".'
+                    f'{name} must be a str or None, got {value!r}. Write e.g. {name}="{example}".'
                 )
 
     @property

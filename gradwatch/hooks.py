@@ -125,17 +125,20 @@ class HealthMonitorHooks:
             trainer.log_dir or trainer.default_root_dir, "gradwatch", "events.jsonl"
         )
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 1))
-        sinks = default_sinks(self.config, events_path, trainer.loggers, every, trainer.is_global_zero)
+        sinks = default_sinks(self.config, events_path, trainer.loggers, trainer.is_global_zero)
         self._progress.attach(trainer)
         self._scaler = scaler_of(trainer)  # the precision plugin is set for the whole fit
         setup = describe_setup(trainer, pl_module)
         self.monitor.bind(
             pl_module,
             sinks,
-            meta={"run": trainer.log_dir},
+            meta={
+                "run": trainer.log_dir,
+                "log_every_n_steps": every,
+                "events_path": events_path,
+                "setup": setup,
+            },
             context=_context(trainer, pl_module),
-            events_path=events_path,
-            setup=setup,
         )
         if trainer.is_global_zero:
             log.info(format_setup(setup))

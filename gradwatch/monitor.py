@@ -21,6 +21,7 @@ from torch import nn
 from gradwatch import state
 from gradwatch.cadence import Cadence
 from gradwatch.config import Config
+from gradwatch.errors import ConfigError
 from gradwatch.findings import Action, Finding
 from gradwatch.judge import Judge
 from gradwatch.probes.probe_set import ProbeSet
@@ -47,14 +48,16 @@ class Monitor:
     """Training-health monitor core. Takes the options of :class:`gradwatch.config.Config` (or one)."""
 
     def __init__(self, config: Config | None = None, /, **options: Any) -> None:
-        self.config = config if config is not None else Config.build("Monitor", options)
-        cfg = self.config
+        if config is not None and options:
+            raise ConfigError(
+                f"Monitor(config, ...): give a Config or options, not both (got {sorted(options)})."
+            )
+        self.config = cfg = config or Config.build("Monitor", options)
         self.remedies = cfg.remedy_list
         self.detectors = cfg.detector_list
         self.cadence = Cadence(cfg.schedule, cfg.every_step, cfg.probe_every_n_steps)
         self.events_path = cfg.events_file
-        self.findings: list[Finding] = []
-        self.actions: list[Action] = []
+        self.findings, self.actions = [], []  # every Finding and Action of the run, in order
         #: The statistics of the latest host read (what the detectors last judged).
         self.last_stats: Stats | None = None
         self.sinks = SinkSet()
@@ -64,22 +67,26 @@ class Monitor:
         self.setup: dict[str, Any] = {}
         snapshots = Snapshots.every(cfg.snapshot_every, keep=cfg.snapshots)
         self.remedy_ctx = RemedyContext(LRControl(), snapshots, BestWeights(), activity=self.unit_activity)
-        history = lambda: self.actions + self.guard.pending  # noqa: E731 - what a give-up says was tried
-        self.responder = Responder(self.remedies, self.remedy_ctx, self._publish, self.record_action, history)
+        args = (self.remedies, self.remedy_ctx, self._publish, self.record_action, self._history)
+        self.responder = Responder(*args)
         self.guard = StepGuard(self.remedies, self.responder, MAX_PENDING_ROWS)
         self.remedy_ctx.skipping = self.guard.skip is not None
-        self.judge = Judge(self.detectors, lambda: self.responder.validation_rules)
+        self.judge = Judge(self.detectors, self.responder.validation_rules)
         self.recorder = Recorder()
         self.probes: ProbeSet | None = None  # once bound to a model
-        self._val_loss: float | None = None
-        self._resumed = False
+        self._val_loss: float | None = None  # the last validation's, until a read carries it
+        self._resumed = False  # load_state_dict ran: the next bind continues that run
         self.deferred: list[Finding] = []  # judged while a checkpoint was written: answered at the next read
 
-    # ------------------------------------------------------------------ public views
-    schedule = property(lambda self: self.config.schedule)
-    every_n_steps = property(lambda self: self.config.every_n_steps)
-    every_step = property(lambda self: self.config.every_step)
-    remedy_mode = property(lambda self: self.config.remedy_mode)
+    def __getattr__(self, name: str) -> Any:  # the options, as read-only attributes: monitor.per_layer, ...
+        config = self.__dict__.get("config")
+        if config is not None and not name.startswith("_") and hasattr(config, name):
+            return getattr(config, name)
+        remedy = next((r for r in self.__dict__.get("remedies", ()) if r.name == name), None)
+        if remedy is not None:  # monitor.rollback, monitor.early_stop, ...
+            return remedy
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     context = property(lambda self: self.remedy_ctx.context)
     lr = property(lambda self: self.remedy_ctx.lr)
     snapshots = property(lambda self: self.remedy_ctx.snapshots)
@@ -89,32 +96,26 @@ class Monitor:
     ranges = property(lambda self: self.summary_ranges.ranges)
     passing = property(lambda self: self.cadence.passing)
     hooks_attached = property(lambda self: self.probes is not None and self.probes.hooks_attached)
-
     scheduled = property(lambda self: self.cadence.scheduled)  # step -> bool, asked once a step
     probing = property(lambda self: self.cadence.probing)
 
-    def unit_activity(self, module: str | None) -> torch.Tensor | None:
-        """Per-unit activity of ``module`` at the last sampled step (device vector), for remedies."""
+    def unit_activity(self, module: str | None) -> torch.Tensor | None:  # device vector, for remedies
         return self.probes.unit_activity(module) if self.probes is not None else None
 
-    # ------------------------------------------------------------------ binding
     def bind(
         self,
         model: nn.Module,
         sinks: list[Sink],
         meta: dict[str, Any] | None = None,
         context: Context | None = None,
-        *,
-        events_path: str | None = None,
-        setup: dict[str, Any] | None = None,
     ) -> None:
-        """Attach to ``model`` and open ``sinks`` for a run. ``context``: the training objects remedies act
-        on (none: they cannot act); ``events_path`` and ``setup`` (gradwatch.setups) go in the summary."""
+        """Attach to ``model`` and open ``sinks`` for a run; ``context``: what remedies act on (none: they
+        cannot). ``meta`` goes to the sinks: ``events_path``, ``setup``, ``log_every_n_steps``, ``run``."""
+        meta = meta or {}
         self.unbind()
         self.remedy_ctx.context = context
-        if events_path is not None:
-            self.events_path = events_path
-        self.setup = dict(setup or {})
+        self.events_path = meta.get("events_path") or self.events_path
+        self.setup = dict(meta.get("setup") or {})
         if not self._resumed:  # a new run: nothing of an earlier fit's state may be restored into it
             self.responder.new_run()
             self.judge.new_run()
@@ -124,7 +125,8 @@ class Monitor:
             self.lr.attach(context.optimizers(), context.schedulers())
         self.probes = ProbeSet(model, self.config.activations, self.config.inputs)
         self.sinks = SinkSet(sinks)
-        self.sinks.start({**self.probes.names(self.config.per_layer), **(meta or {})})
+        names = {**self.probes.names(self.config.per_layer), "every_step": self.config.every_step}
+        self.sinks.start({**names, **meta})
 
     def unbind(self) -> None:
         """Remove every hook and drop per-run device state. Safe to call more than once."""
@@ -139,7 +141,6 @@ class Monitor:
         self.unbind()
         self.sinks.close()
 
-    # ------------------------------------------------------------------ per step
     def pass_over(self, step: int, epoch: int) -> bool:
         """Whether optimizer step ``step`` goes unmeasured (``measure="scheduled"``, not a scheduled step).
         Adapters ask once per optimizer, and call :meth:`before_optimizer_step` only when it says no."""
@@ -215,7 +216,7 @@ class Monitor:
         self._val_loss = val_loss
         self.judge.new_validation()
         self.sinks.validation(step, val_loss)
-        if not self.responder.validation_rules:
+        if not self.responder.validation_rules():
             return
         if math.isfinite(val_loss):
             self.best.offer(step, val_loss, self.context.model)
@@ -228,7 +229,6 @@ class Monitor:
             self.sinks.close_curves()
         self.responder.respond(new)
 
-    # ------------------------------------------------------------------ read, judge, act, write
     def flush(
         self, *, across_ranks: bool = True, respond: bool = True, escalate: bool = True
     ) -> list[Finding]:
@@ -266,11 +266,13 @@ class Monitor:
             self.findings.append(finding)
             self.sinks.finding(finding)
 
+    def _history(self) -> list[Action]:  # what a give-up says was tried (a method: copies stay apart)
+        return self.actions + self.guard.pending
+
     def record_action(self, action: Action) -> None:
         self.actions.append(action)
         self.sinks.action(action)
 
-    # ------------------------------------------------------------------ end of run
     def finish(self, status: str = "finished") -> dict[str, Any]:
         """Flush what is pending, write the summary, remove hooks. Returns the summary dict."""
         try:
@@ -279,7 +281,6 @@ class Monitor:
             self.flush(across_ranks=status == "finished", escalate=False)
             self.sinks.close_curves()  # the last read and the run's last step close the curves
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
-            self.recorder.clear()
             log.warning(
                 "gradwatch: could not read the last %s step(s) back after the failure: %s", status, err
             )
@@ -288,7 +289,6 @@ class Monitor:
         self.sinks.summary(summary)
         return summary
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes over a run (:mod:`gradwatch.state`). Pending rows are read and judged
         first; remedies wait for the next read (the checkpoint's weights were captured already)."""

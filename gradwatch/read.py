@@ -47,8 +47,12 @@ def read(
     if grad_layers is not None:
         transfer.add("grad_layers", grad_layers, PARAM)
     if clipping:
-        coefs = [torch.as_tensor(r.clip, device=layout.device).float().reshape(()) for r in rows]
-        transfer.add("clips", torch.stack(coefs), MEAN)
+        clips = [r.clip for r in rows]  # host floats after the skip decision's read, else device scalars
+        if all(isinstance(c, float) for c in clips):
+            coefs = torch.tensor(clips, device=layout.device)
+        else:
+            coefs = torch.stack([torch.as_tensor(c, device=layout.device).float().reshape(()) for c in clips])
+        transfer.add("clips", coefs, MEAN)
     if scheduled:  # the weights as this step updated them
         w_sq, w_bad, update = probes.weights.measure()
         transfer.add("weight_sq", w_sq, PARAM)

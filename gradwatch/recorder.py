@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradwatch.probes.gradients import nonfinite_summary
+from gradwatch.probes.gradients import nonfinite_summary, wide
 
 #: Rows kept on device before a read is forced, whatever the schedule says.
 MAX_PENDING_ROWS = 1024
@@ -105,7 +105,7 @@ def derive(rows: list[StepRow], n_params: int, device: torch.device) -> torch.Te
         count = fin.logical_not().sum(1).float()
         lowest = torch.where(fin, n_params, rows[0].positions[0]).amin(1)
         first = torch.where(lowest < n_params, lowest, -1).float()
-        n64 = n.double()  # summed in float64, rounded once to the float32 row (Inf beyond its range)
+        n64 = wide(n)  # summed in float64, rounded once to the float32 row (Inf beyond its range)
         sq = (n64 * n64).sum(1)
     else:  # several optimizers, or steps with different parameters: one row at a time
         per_row = []

@@ -35,6 +35,7 @@ from gradwatch.loops import (
     check_loop,
     describe_loop,
     enabled,
+    fabric_scaler,  # noqa: F401 - importable from here, as before
     reduce_any,
     tensorboard_loggers,
     unscale,
@@ -132,7 +133,7 @@ class Watch:
             events_path = os.path.join(self.log_dir, "gradwatch", "events.jsonl")
         rank_zero = not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
         self._loggers = tensorboard_loggers(tensorboard, self.log_dir) if rank_zero else []
-        sinks = default_sinks(self.config, events_path, self._loggers, log_every_n_steps, rank_zero)
+        sinks = default_sinks(self.config, events_path, self._loggers, rank_zero)
         context = Context(
             model=self.module,
             optimizers=lambda: list(self._raw_optimizers),
@@ -146,10 +147,9 @@ class Watch:
         setup = describe_loop(
             self.model, self.module, self._raw_optimizers, self.schedulers, self.scaler, self.fabric_scaler
         )
-        meta = {"run": self.log_dir or self.name}
-        self.monitor.bind(
-            self.module, sinks, meta=meta, context=context, events_path=events_path, setup=setup
-        )
+        meta = {"run": self.log_dir or self.name, "log_every_n_steps": log_every_n_steps}
+        meta.update(events_path=events_path, setup=setup)
+        self.monitor.bind(self.module, sinks, meta=meta, context=context)
         if self.monitor.sinks:
             log.info(format_setup(self.monitor.setup))
         self._hook = self.module.register_forward_pre_hook(self._before_forward)

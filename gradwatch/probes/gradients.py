@@ -22,6 +22,11 @@ def foreach_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(foreach_norm(tensors))
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 for running sums, where the device has it (Apple's MPS has not: float32 there)."""
+    return t.float() if t.device.type == "mps" else t.double()
+
+
 #: Where float32 overflows: a float64 value at or above it rounds to Inf in float32.
 FLOAT32_OVERFLOW = torch.finfo(torch.float32).max + 2.0**103
 
@@ -39,7 +44,7 @@ def squared_total(norms: torch.Tensor) -> torch.Tensor:
         >>> float(squared_total(torch.tensor([1e20, 1.0]))), float(squared_total(torch.tensor([float("nan")])))
         (inf, nan)
     """
-    n = norms.double()
+    n = wide(norms)
     sq = torch.dot(n, n)
     return torch.where(sq >= FLOAT32_OVERFLOW, math.inf, sq)
 

@@ -10,7 +10,7 @@ import torch
 
 from gradwatch.distributed import local
 from gradwatch.internals import foreach_copy, foreach_sub
-from gradwatch.probes.gradients import foreach_norms
+from gradwatch.probes.gradients import foreach_norms, wide
 from gradwatch.probes.layout import ParamLayout
 
 
@@ -38,10 +38,10 @@ class WeightProbe:
             norms = foreach_norms(params)
             before, self._before = self._before, None
             # squares summed per layer in float64 (one rounding to float32 at the read)
-            rows = [norms.double().square(), torch.isfinite(norms).logical_not().double()]
+            rows = [wide(norms).square(), wide(torch.isfinite(norms).logical_not())]
             if before is not None:
                 delta = foreach_sub(params, before)
-                rows += [foreach_norms(delta).double().square(), foreach_norms(before).double().square()]
+                rows += [wide(foreach_norms(delta)).square(), wide(foreach_norms(before)).square()]
             per = self.layout.per_layer(torch.stack(rows))
             return per[0], per[1], (per[2:] if len(rows) > 2 else None)
 

@@ -10,6 +10,7 @@ import torch
 from gradwatch.detectors.base import check_threshold
 from gradwatch.findings import Action, Finding
 from gradwatch.internals import foreach_mul_
+from gradwatch.probes.gradients import wide
 from gradwatch.remedies.base import Remedy
 
 #: Clipping that scales gradients by at least this factor is routine (not an incident).
@@ -64,7 +65,7 @@ class ClipGradients(Remedy):
     def _clip_device(self, grads: list[torch.Tensor], sq_total: torch.Tensor) -> torch.Tensor:
         """Device ops only, no host read. A non-finite step neither starts, moves nor counts towards the
         warm-up (the count of finite steps is a device tensor); :attr:`n` counts calls."""
-        norm = sq_total.detach().double().sqrt()  # float64, as the host's Python floats
+        norm = wide(sq_total.detach()).sqrt()  # float64, as the host's Python floats
         finite = torch.isfinite(norm)
         if self._mean is None or self._var is None:  # NaN until a finite norm is seen
             self._mean, self._var = torch.full_like(norm, math.nan), torch.zeros_like(norm)

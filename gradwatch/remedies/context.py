@@ -66,3 +66,16 @@ class RemedyContext:
 
     def unit_activity(self, module: str | None) -> torch.Tensor | None:
         return self.activity(module)
+
+
+def __getattr__(name: str) -> Any:
+    """``LRControl``, ``Snapshots``, ``BestWeights`` and ``Snapshot`` lived here before their own modules."""
+    if name == "LRControl":
+        from gradwatch.remedies.lr_control import LRControl
+
+        return LRControl
+    if name in ("Snapshots", "Snapshot", "BestWeights"):
+        from gradwatch.remedies import snapshots
+
+        return getattr(snapshots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

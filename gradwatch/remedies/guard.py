@@ -16,8 +16,10 @@ import torch
 from gradwatch.findings import Action
 from gradwatch.probes.gradients import host_squared_total, squared_total
 from gradwatch.remedies.base import Remedy
+from gradwatch.remedies.clip_gradients import ClipGradients
 from gradwatch.remedies.context import Context
 from gradwatch.remedies.responder import Responder
+from gradwatch.remedies.skip_step import SkipStep
 
 
 class StepGuard:
@@ -30,9 +32,8 @@ class StepGuard:
     """
 
     def __init__(self, remedies: list[Remedy], responder: Responder, horizon: int) -> None:
-        by_name = {r.name: r for r in remedies}
-        self.skip: Any = by_name.get("skip_step")
-        self.clip: Any = by_name.get("clip_gradients")
+        self.skip: SkipStep | None = next((r for r in remedies if isinstance(r, SkipStep)), None)
+        self.clip: ClipGradients | None = next((r for r in remedies if isinstance(r, ClipGradients)), None)
         self.responder = responder
         self.horizon = horizon
         #: Actions taken per step since the last read (skips, escalations); filed at the next read.

@@ -21,7 +21,7 @@ class ReduceLR(Remedy):
     """Multiply every learning rate by ``factor`` (0.5; ``critical_factor``, 0.1, for a critical finding),
     with a cooldown and a floor.
 
-    The change is a multiplier kept by gradwatch (:class:`~gradwatch.remedies.context.LRControl`): the
+    The change is a multiplier kept by gradwatch (:class:`~gradwatch.remedies.lr_control.LRControl`): the
     optimizer steps with ``scheduler_lr * multiplier`` while schedulers keep computing their own LR, so
     a LambdaLR, cosine, OneCycle or StepLR schedule goes on with its shape, only lower. The multiplier
     is in the monitor's checkpoint state. It never goes below ``min_multiplier`` (1e-3) of the

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from gradwatch.findings import Action, Finding
 from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.context import RemedyContext
+from gradwatch.remedies.early_stop import EarlyStop
 from gradwatch.remedies.rollback import Rollback
 from gradwatch.remedies.snapshots import BestWeights, SnapshotPolicy
 from gradwatch.setups import needs_automatic_loop_message
@@ -62,8 +63,9 @@ class Responder:
         self.remedies = remedies
         self.ctx = ctx
         self.publish, self.record, self.history = publish, record, history
-        self._by_name = {r.name: r for r in remedies}
-        self.snapshot_policy = SnapshotPolicy(ctx.snapshots) if "rollback" in self._by_name else None
+        self.rollback = next((r for r in remedies if isinstance(r, Rollback)), None)
+        self.early_stop = next((r for r in remedies if isinstance(r, EarlyStop)), None)
+        self.snapshot_policy = SnapshotPolicy(ctx.snapshots) if self.rollback is not None else None
         self._warned_manual: set[str] = set()
 
     def new_run(self) -> None:
@@ -73,10 +75,9 @@ class Responder:
         for remedy in self.remedies:
             remedy.new_run()
 
-    @property
     def validation_rules(self) -> tuple[str, ...]:
         """The rules judged at once at each validation: those early stopping answers, when it is on."""
-        early = self._by_name.get("early_stop")
+        early = self.early_stop
         return early.answers if early is not None and self.ctx.context is not None else ()
 
     def respond(self, findings: list[Finding], restored: bool = False) -> None:
@@ -120,7 +121,7 @@ class Responder:
         spent) give up. Returns whether a snapshot was restored; ``False`` too while rollback is in its
         cooldown (the skipping goes on meanwhile)."""
         finding = Rollback.escalation(step, epoch, skipped)
-        rollback = self._by_name.get("rollback")
+        rollback = self.rollback
         if rollback is not None and not rollback.spent:
             if not rollback.ready(step):
                 return False
@@ -134,7 +135,7 @@ class Responder:
 
     def give_up(self, finding: Finding, record: Record) -> None:
         """The ladder for ``finding`` is spent: early_stop stops with a critical finding saying what was tried."""
-        early = self._by_name.get("early_stop")
+        early = self.early_stop
         if early is None or early.stopped:
             return
         tried = [a for a in self.history() if a.rule == finding.rule]

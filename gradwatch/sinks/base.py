@@ -16,17 +16,12 @@ class Sink:
         """Called once when a fit starts."""
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        """Scalar statistics at ``step``; keys are TensorBoard tags under ``gradwatch/``."""
+        """Scalar statistics at ``step``; keys are TensorBoard tags under ``gradwatch/``. Which rows come,
+        at which steps, is :mod:`gradwatch.sinks.tensorboard_rows` (``log_every_n_steps``)."""
 
     def validation(self, step: int, val_loss: float) -> None:
         """A validation loss, after optimizer step ``step``: a ``gradwatch/loss/val`` scalar by default."""
         self.scalars(step, {"gradwatch/loss/val": val_loss})
-
-    def read(self, stats: Any, notable: set[int]) -> None:
-        """A read's :class:`~gradwatch.stats.Stats`; ``notable``: steps with a finding or an action."""
-
-    def close_curves(self) -> None:
-        """Write what :meth:`read` kept back (the end of the run, or a finding that makes it notable)."""
 
     def finding(self, finding: Finding) -> None:
         """A new finding."""

@@ -15,20 +15,18 @@ from gradwatch.sinks.base import Sink
 from gradwatch.sinks.console import Console
 from gradwatch.sinks.events import EventsFile
 from gradwatch.sinks.tensorboard import TensorBoard
+from gradwatch.sinks.tensorboard_rows import Rows
 
 log = logging.getLogger("gradwatch")
 
 
-def default_sinks(
-    config: Any, events_path: str | None, loggers: list[Any], log_every_n_steps: int, rank_zero: bool
-) -> list[Sink]:
+def default_sinks(config: Any, events_path: str | None, loggers: list[Any], rank_zero: bool) -> list[Sink]:
     """The standard sinks of a run (``config``: a :class:`gradwatch.config.Config`): rank zero writes,
     the other ranks get none."""
     if not rank_zero:
         return []
     sinks: list[Sink] = [EventsFile(events_path)] if events_path is not None else []
-    every = log_every_n_steps if config.every_step else 1  # "scheduled": every row measured is written
-    sinks += [TensorBoard(loggers, log_every_n_steps=every), Console(config.print_summary)]
+    sinks += [TensorBoard(loggers), Console(config.print_summary)]
     if config.targets:
         sinks.append(Alerts(config.targets, run=config.name))
     return sinks
@@ -36,10 +34,16 @@ def default_sinks(
 
 class SinkSet:
     """Calls every sink in turn. A sink that raises is logged once (its name, the call, the error) and
-    dropped for the rest of the run; training goes on. Empty on ranks other than zero."""
+    dropped for the rest of the run; training goes on. Empty on ranks other than zero.
+
+    It also turns each read into the rows every sink's ``scalars`` gets (:class:`Rows`): per-step rows
+    every ``meta["log_every_n_steps"]`` steps (50 by default; every measured step with
+    ``meta["every_step"]`` false, that is ``measure="scheduled"``) and at every notable step.
+    """
 
     def __init__(self, sinks: list[Sink] | None = None) -> None:
         self.sinks: list[Sink] = list(sinks or [])
+        self.rows = Rows(50, self.scalars)
 
     def __bool__(self) -> bool:
         return bool(self.sinks)
@@ -66,6 +70,9 @@ class SinkSet:
                     pass
 
     def start(self, meta: dict[str, Any]) -> None:
+        every = int(meta.get("log_every_n_steps", 50)) if meta.get("every_step", True) else 1
+        self.rows = Rows(every, self.scalars)
+        self.rows.start(bool(meta.get("per_layer", False)))
         self._call("start", meta)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -75,10 +82,14 @@ class SinkSet:
         self._call("validation", step, val_loss)
 
     def read(self, stats: Any, notable: set[int]) -> None:
-        self._call("read", stats, notable)
+        """A read's :class:`~gradwatch.stats.Stats`; ``notable``: steps with a finding or an action."""
+        if self.sinks:
+            self.rows.read(stats, notable)
 
     def close_curves(self) -> None:
-        self._call("close_curves")
+        """Write the rows the last read kept back (the run's end, or a finding that makes them notable)."""
+        if self.sinks:
+            self.rows.close_curves()
 
     def finding(self, finding: Finding) -> None:
         self._call("finding", finding)

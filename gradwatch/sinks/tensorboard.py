@@ -2,8 +2,8 @@
 
 Scalars go to every logger with ``log_metrics`` (TensorBoardLogger, CSVLogger, ...). Findings and
 actions are also written as TensorBoard text, and a custom-scalars layout is registered once, when
-the trainer has a TensorBoardLogger. Which rows a read writes, under which tags, is
-:class:`~gradwatch.sinks.tensorboard_rows.Rows`.
+the trainer has a TensorBoardLogger. Which rows a read writes, at which steps, under which tags, is
+:mod:`gradwatch.sinks.tensorboard_rows` (driven by the fan-out, for every sink's ``scalars``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 from gradwatch.findings import Action, Finding
 from gradwatch.internals import event_file_writer, is_tensorboard_logger
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.tensorboard_rows import Rows
 
 
 def scalar_writer(logger: Any) -> Any | None:
@@ -119,23 +118,17 @@ def finding_markdown(f: Finding) -> str:
 
 
 class TensorBoard(Sink):
-    """Writes through ``loggers`` (the trainer's). With no logger it writes nothing.
-
-    ``log_every_n_steps``: per-step rows every this many steps, and at every notable step (see
-    :class:`~gradwatch.sinks.tensorboard_rows.Rows`); Lightning's ``Trainer(log_every_n_steps=...)``.
-    """
+    """Writes through ``loggers`` (the trainer's). With no logger it writes nothing."""
 
     name = "tensorboard"
 
-    def __init__(self, loggers: list[Any], log_every_n_steps: int = 50) -> None:
+    def __init__(self, loggers: list[Any]) -> None:
         self.loggers = list(loggers)
-        self.rows = Rows(log_every_n_steps, self.scalars)
         self._tb = [lg for lg in self.loggers if is_tensorboard_logger(lg)]
         self._writers: list[tuple[Any, Any | None]] | None = None  # (logger, event writer or None)
 
     def start(self, meta: dict[str, Any]) -> None:
         per_layer = meta.get("per_layer", False)
-        self.rows.start(per_layer)
         layers = meta.get("layers", []) if per_layer else []
         modules = meta.get("modules", []) if per_layer else []
         for lg in self._tb:
@@ -153,12 +146,6 @@ class TensorBoard(Sink):
             else:  # one event for the step's scalars (see scalar_writer)
                 summary = summary if summary is not None else scalars_summary(values)
                 writer.add_summary(summary, step)
-
-    def read(self, stats: Any, notable: set[int]) -> None:
-        self.rows.read(stats, notable)
-
-    def close_curves(self) -> None:
-        self.rows.close_curves()
 
     def _text(self, tag: str, text: str, step: int, flush: bool = True) -> None:
         for lg in self._tb:
