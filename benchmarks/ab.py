@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--split", type=int, default=200, help="steps before the timed steady state")
+    p.add_argument("--batch-size", type=int, default=None, help="the CPU workload's batch (default 64)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     spent = dict.fromkeys(versions, 0.0)
     for key, pkg in versions.items():
         instrument(pkg, key, args.split, spent)
-    wl = overhead.make_workload(argparse.Namespace(workload="cpu", cpu=True, batch_size=None, precision=None))
+    wl = overhead.make_workload(argparse.Namespace(workload="cpu", cpu=True, batch_size=args.batch_size, precision=None))
     root = tempfile.mkdtemp(prefix="gradwatch-ab-runs-")
     hooks: dict[str, list[float]] = {k: [] for k in versions}
     steps: dict[str, list[float]] = {k: [] for k in versions}

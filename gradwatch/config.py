@@ -110,6 +110,8 @@ class Config:
     remedy_mode: str = field(init=False, repr=False)
     detector_list: list[Detector] = field(init=False, repr=False)
     targets: list[Target] = field(init=False, repr=False)
+    #: False with ``measure="scheduled"``: steps between scheduled ones are passed over, not measured.
+    every_step: bool = field(init=False, repr=False)
 
     @classmethod
     def build(cls, owner: str, options: Mapping[str, Any], extra: Iterable[str] = ()) -> Config:
@@ -137,6 +139,7 @@ class Config:
             )
         if self.probe_every_n_steps is not None:
             check_positive_int("probe_every_n_steps", self.probe_every_n_steps, 100)
+        derived(self, "every_step", self.measure == "every_step")
         derived(self, "remedy_mode", self.remedies if isinstance(self.remedies, str) else "custom")
         derived(self, "remedy_list", self._resolve_remedies())
         if self.alert_url is not None and (
@@ -165,11 +168,6 @@ class Config:
                 raise ConfigError(
                     f'{name} must be a str or None, got {value!r}. Write e.g. {name}="{example}".'
                 )
-
-    @property
-    def every_step(self) -> bool:
-        """False with ``measure="scheduled"``: steps between scheduled ones are passed over, not measured."""
-        return self.measure == "every_step"
 
     @property
     def events_file(self) -> str | None:

@@ -148,12 +148,12 @@ class Monitor:
 
     def batch_start(self, step: int, batch: Any) -> None:
         """Before the forward: keep the buffers for skip_step; on a probe step, start the heavy probes."""
-        if not self.every_step:
+        if not self.config.every_step:
             if self.cadence.start_batch(step):
                 return  # measure="scheduled": nothing to prepare between the scheduled steps
-        elif self.context is not None and not self.recorder.losses and self.recorder.open is None:
+        elif self.remedy_ctx.context is not None and not self.recorder.losses and self.recorder.open is None:
             self.guard.batch_start()  # the first batch of an optimizer step
-        if self.probes is not None and self.probing(step):
+        if self.probes is not None and self.cadence.probing(step):
             self.probes.start(step, batch)
 
     def before_optimizer_step(
@@ -173,15 +173,15 @@ class Monitor:
             return
         first_call = self.recorder.open is None
         row = self.recorder.start(step, epoch, lr, loss_scale)  # a second optimizer joins the first's step
-        if first_call and self.config.update_ratio and self.probing(step):
+        if first_call and self.config.update_ratio and self.cadence.probing(step):
             self.probes.weights.snapshot()
         scale = loss_scale if grads_scaled else None
-        measured = self.probes.measure_grads(params, self.scheduled(row.step), scale)
+        measured = self.probes.measure_grads(params, self.cadence.scheduled(row.step), scale)
         if measured is None:
             return
         norms, positions, layers, grads = measured
-        if self.context is not None and self.guard.active:
-            self.guard.repair(row, params, grads, norms, loss_scale is not None, self.context)
+        if self.remedy_ctx.context is not None and self.guard.active:
+            self.guard.repair(row, params, grads, norms, loss_scale is not None, self.remedy_ctx.context)
         self.recorder.add_grads(norms, positions, layers)  # derived at the read, for all steps at once
 
     def batch_end(
@@ -189,7 +189,7 @@ class Monitor:
     ) -> list[Finding]:
         """After the batch: add its loss; if an optimizer step ran, record it, and read on a scheduled step.
         ``loss_scale``: the GradScaler's scale after the step (lower than before: it skipped the step)."""
-        if self.passing:  # measure="scheduled", a step between the scheduled ones: nothing is kept
+        if self.cadence.passing:  # measure="scheduled", a step between the scheduled ones: nothing is kept
             passed = self.cadence.end_passed()
             if passed is not None:  # its optimizer step ran: the step ends here (the summary counts it)
                 self.last_step, self.last_epoch = passed
@@ -202,8 +202,8 @@ class Monitor:
         row = self.recorder.close(loss_scale)
         if row is None:
             return []  # accumulating: no optimizer step in this batch
-        self.guard.step_done(row, self.context.optimizers() if self.context else [])
-        if self.scheduled(row.step) or self.recorder.full or self.guard.pending:
+        self.guard.step_done(row, self.remedy_ctx.context.optimizers() if self.remedy_ctx.context else [])
+        if self.cadence.scheduled(row.step) or self.recorder.full or self.guard.pending:
             return self.flush()
         return []
 
@@ -219,7 +219,7 @@ class Monitor:
         if not self.responder.validation_rules():
             return
         if math.isfinite(val_loss):
-            self.best.offer(step, val_loss, self.context.model)
+            self.best.offer(step, val_loss, self.remedy_ctx.context.model)
         if self.recorder.rows:
             self.flush()
             return
@@ -241,7 +241,7 @@ class Monitor:
         rows, grad_layers = self.recorder.take()
         val_loss, self._val_loss = self._val_loss, None
         last = rows[-1]
-        clipping, scheduled = self.guard.clip is not None, self.scheduled(last.step)
+        clipping, scheduled = self.guard.clip is not None, self.cadence.scheduled(last.step)
         out = read(rows, grad_layers, self.probes, scheduled, clipping, val_loss, across_ranks)
         stats = self.last_stats = out.stats
         self.steps_seen += len(rows)

@@ -19,7 +19,7 @@ from gradwatch.probes.gradients import nonfinite_summary, wide
 MAX_PENDING_ROWS = 1024
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRow:
     """One optimizer step, recorded on device."""
 

@@ -293,3 +293,42 @@ def test_a_sink_that_fails_is_turned_off_and_training_goes_on(tmp_path, loaders,
     assert len(failed) == 1 and "the events sink failed" in failed[0], failed
     tags = EventAccumulator(t.logger.log_dir).Reload().Tags()["scalars"]
     assert "gradwatch/grad_norm/total" in tags
+
+
+def test_a_custom_sink_gets_the_rows_at_the_logging_cadence():
+    """A Sink handed to the core (gradwatch.Monitor in a plain loop) gets every step's row through its
+    ``scalars`` at ``log_every_n_steps``, the read's own row, the validation loss, and the curves closed
+    at the end: the cadence lives in the fan-out, not in the TensorBoard sink."""
+    import torch
+
+    from gradwatch.sinks import Sink
+
+    class Rows(Sink):
+        name = "rows"
+
+        def __init__(self):
+            self.rows: dict[int, dict[str, float]] = {}
+
+        def scalars(self, step, values):
+            self.rows.setdefault(step, {}).update(values)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sink = Rows()
+    mon = gradwatch.Monitor(every_n_steps=5, remedies="off")
+    mon.bind(model, [sink], meta={"log_every_n_steps": 2})
+    for step in range(11):
+        x = torch.randn(16, 4)
+        mon.batch_start(step, (x,))
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        mon.before_optimizer_step(step, 0, list(model.parameters()), 0.1)
+        opt.step()
+        mon.batch_end(loss)
+    mon.validation_end(10, 0.5)
+    mon.finish()
+    steps = sorted(s for s, r in sink.rows.items() if "gradwatch/grad_norm/total" in r)
+    assert steps == [1, 3, 5, 7, 9, 10]  # every second step, and the last one closing the curve
+    assert "gradwatch/weight_norm/total" in sink.rows[0] and sink.rows[10]["gradwatch/loss/val"] == 0.5
