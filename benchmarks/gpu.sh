@@ -9,8 +9,9 @@
 #      device-to-host copy, so the counter must see 0 syncs on non-scheduled steps and exactly 1 (the one
 #      stacked transfer) on scheduled steps, for the default and the everything-on configs;     ~30 s
 #   2. benchmarks/overhead.py --workload gpt: GPT-2-small-like (124M params), bf16-mixed, batch 8x1024,
-#      10 warm-up + 40 timed steps per run, the configs the targets name (default, observe, everything_on,
-#      norms_floor, every_step) and the peers they are compared with (grad_norm, wandb_all_1 if installed),
+#      10 warm-up + 40 timed steps per run, the configs the targets name (default: no host sync per step;
+#      observe; exact_skip: the per-step skip decision, one sync per step; everything_on, norms_floor,
+#      every_step) and the peers they are compared with (grad_norm, wandb_all_1 if installed),
 #      rounds interleaved until
 #      BUDGET_S seconds (default 100) have passed (a warm-up round and at least one timed round; if the
 #      timeout's SIGTERM comes first, the current run finishes and the table of the complete rounds is
@@ -54,7 +55,7 @@ timeout -k 10 60 python3 -m pytest -q -p no:cacheprovider tests/test_syncs.py -k
 echo "== 2. overhead, GPT-2-small-like, bf16"
 # the configs the targets name, and the peers they are compared with: more interleaved rounds fit the budget
 timeout -k 20 $((BUDGET_S + 40)) python3 benchmarks/overhead.py --workload gpt --rounds 6 --budget-s "$BUDGET_S" \
-  --configs default observe everything_on norms_floor every_step grad_norm wandb_all_1 \
+  --configs default observe exact_skip everything_on norms_floor every_step grad_norm wandb_all_1 \
   2>&1 | grep -v -i warning | tee "$DEST/overhead.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

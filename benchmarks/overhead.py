@@ -329,12 +329,21 @@ class Config:
     needs: str | None = None
 
 
+def _exact_auto() -> list:
+    """``remedies="auto"`` with the per-step skip decision (one host read per step)."""
+    from gradwatch.findings import REMEDIES
+    from gradwatch.remedies import SkipStep
+
+    return [SkipStep(mode="exact") if name == "skip_step" else name for name in REMEDIES]
+
+
 def configs() -> list[Config]:
     gw = gradwatch.HealthMonitor
     out = [
         Config("bare", lambda: [], "no monitor"),
         Config("default", lambda: [gw()], 'HealthMonitor(): remedies="auto", every 20 steps'),
         Config("observe", lambda: [gw(remedies="off")], 'HealthMonitor(remedies="off"): observing only'),
+        Config("exact_skip", lambda: [gw(remedies=_exact_auto())], 'remedies="auto" with SkipStep(mode="exact")'),
     ]
     out += [
         Config(

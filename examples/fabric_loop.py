@@ -4,7 +4,7 @@
     python examples/fabric_loop.py --devices 2    # DDP over two CPU processes (gloo)
 
 The same model and faults as examples/plain_loop.py (a NaN batch at step 15, a gradient spike at step 35).
-Under DDP every rank runs the same probes and detectors on all-reduced statistics, so all ranks skip
+Under DDP every rank runs the same probes and detectors on all-reduced statistics, so all ranks roll back
 the same step and clip the same spike; rank zero writes the events file and TensorBoard.
 """
 

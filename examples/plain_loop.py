@@ -3,7 +3,9 @@
     python examples/plain_loop.py                 # writes runs/plain_loop; then: tensorboard --logdir runs/plain_loop
 
 An MLP on scikit-learn's digits, with a NaN batch at step 15 and a 50x loss (a gradient spike) at step
-35. gradwatch skips the NaN step, clips the spike, and prints its summary; the loop checks
+35. gradwatch rolls the NaN step back at the next read (the default decides there, with no host sync per
+step; ``SkipStep(mode="exact")`` would skip it as it comes), clips the spike, and prints its summary; the
+loop checks
 ``watch.should_stop`` (early stopping on the validation loss fed with ``watch.validation``).
 """
 

@@ -55,7 +55,7 @@ OPTIONS_DOC = """\
         print_summary: log the one-screen summary when fit ends.
         snapshot_every: with ``rollback`` on, keep a healthy state in host memory every this many steps (at
             the first healthy read after). Default ``None``: every 20 steps at most, and never more often
-            than keeps the copying under 0.25% of the training time (a large model snapshots less often).
+            than keeps the copying under 1% of the training time (a large model snapshots less often).
         snapshots: how many such states to keep (memory: this many copies of model + optimizer state).
         name: names the run in alerts, and tells two monitors in one trainer apart in checkpoints.
         val_loss_key: (Lightning) the logged metric to read as validation loss; default the first of

@@ -33,6 +33,7 @@ class StepRow:
     scale: torch.Tensor | None = None  # ... after it, and whether it skipped the step (scale lowered)
     skipped: torch.Tensor | None = None
     device_skip: bool = False  # skip_step decided on device (a fused optimizer's found_inf): tallied later
+    deferred: bool = False  # skip_step's decision waits for the read (rolled back there if not finite)
     clip: float | torch.Tensor = 1.0  # clip_gradients' coefficient (a device scalar once it ran)
 
 

@@ -91,6 +91,14 @@ class DigitsMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
+def exact_auto() -> list:
+    """``remedies="auto"`` with ``SkipStep(mode="exact")``: every non-finite step skipped as it comes."""
+    from gradwatch.findings import REMEDIES
+    from gradwatch.remedies import SkipStep
+
+    return [SkipStep(mode="exact") if name == "skip_step" else name for name in REMEDIES]
+
+
 def trainer(tmp_path, callbacks, logger=True, **kw) -> pl.Trainer:
     """A quiet CPU trainer writing under ``tmp_path``."""
     if logger is True:

@@ -62,10 +62,24 @@ def ddp_run(tmp_path_factory):
     return _ddp(tmp_path_factory.mktemp("ddp"), "off")
 
 
-def test_ddp_nan_on_one_rank_makes_every_rank_skip(tmp_path):
-    """remedies="auto": rank 1 alone sees the NaN batch; both ranks skip that step together (no hang), and
-    their weights stay finite and identical."""
+def test_ddp_default_rolls_a_nan_step_back_on_every_rank_alike(tmp_path):
+    """The default (no per-step decision, no per-step collective): rank 1 alone sees the NaN batch, the
+    averaged gradient carries it to both ranks, and both roll back to the same snapshot at the read, with
+    weights finite and identical and no skip taken."""
     _, ranks, _ = _ddp(tmp_path, "auto")
+    for r in ranks:
+        assert [(a["remedy"], a["step"]) for a in r["actions"] if a["remedy"] != "clip_gradients"] == [
+            ("rollback", NAN_STEP)
+        ]
+        assert any("were applied" in f["message"] for f in r["findings"])
+    assert ranks[0]["actions"] == ranks[1]["actions"]
+    assert ranks[0]["weights"] == ranks[1]["weights"] and all(math.isfinite(w) for w in ranks[0]["weights"])
+
+
+def test_ddp_nan_on_one_rank_makes_every_rank_skip(tmp_path):
+    """SkipStep(mode="exact"): rank 1 alone sees the NaN batch; both ranks skip that step together (no
+    hang: the one all-reduce per step of that mode), and their weights stay finite and identical."""
+    _, ranks, _ = _ddp(tmp_path, "exact")
     skips = [
         [(a["step"], a["detail"]["optimizer_step"]) for a in r["actions"] if a["remedy"] == "skip_step"]
         for r in ranks

@@ -359,11 +359,11 @@ def test_remedies_work_under_manual_optimization(tmp_path, loaders):
 
 
 def test_snapshot_cadence_default_is_time_budgeted_and_explicit_is_kept():
-    """Default: every 20 steps at most, and copying <= 0.25% of the time; snapshot_every=N: every N steps."""
+    """Default: every 20 steps at most, and copying <= 1% of the time; snapshot_every=N: every N steps."""
     ctx = Context(model=nn.Linear(4, 2))
     auto = gradwatch.HealthMonitor().monitor.snapshots
     explicit = gradwatch.HealthMonitor(snapshot_every=5).monitor.snapshots
-    assert (auto.every_n_steps, auto.max_overhead) == (20, 0.0025)
+    assert (auto.every_n_steps, auto.max_overhead) == (20, 0.01)
     assert (explicit.every_n_steps, explicit.max_overhead) == (5, None)
     for snaps in (auto, explicit):
         snaps.take(0, ctx)
@@ -448,7 +448,8 @@ def test_device_skips_escalate_like_the_per_step_path(tmp_path, loaders, nans):
     runs = {}
     for fused in (True, False):
         torch.manual_seed(0)
-        mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=["skip_step", "rollback"])
+        # exact: the not-fused run decides every step, the path the device's tally must match
+        mon = gradwatch.HealthMonitor(every_n_steps=10, remedies=[SkipStep(mode="exact"), "rollback"])
         model = FusedNet(nan_steps=set(range(*nans)), fused=fused)
         trainer(tmp_path, [mon], max_steps=nans[1] + 5, max_epochs=-1, logger=False).fit(model, loaders[0])
         runs[fused] = ([(a.remedy, a.step) for a in mon.actions], mon.monitor.lr.multiplier)

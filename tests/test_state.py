@@ -6,7 +6,7 @@ import glob
 
 import pytorch_lightning as pl
 import torch
-from models import DigitsMLP, trainer
+from models import DigitsMLP, exact_auto, trainer
 
 import gradwatch
 from gradwatch.sinks.events import read_events
@@ -14,7 +14,7 @@ from gradwatch.sinks.events import read_events
 
 def test_resume_restores_findings_counters_and_detector_state(tmp_path, loaders):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    mon = gradwatch.HealthMonitor(every_n_steps=5)
+    mon = gradwatch.HealthMonitor(every_n_steps=5, remedies=exact_auto())
     trainer(tmp_path, [mon, ckpt], max_epochs=1, enable_checkpointing=True).fit(
         DigitsMLP(inf_grad_at_step=3), *loaders
     )
@@ -22,7 +22,7 @@ def test_resume_restores_findings_counters_and_detector_state(tmp_path, loaders)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][mon.state_key]
     assert saved["steps_seen"] == 23 and len(saved["findings"]) == 2
 
-    resumed = gradwatch.HealthMonitor(every_n_steps=5)
+    resumed = gradwatch.HealthMonitor(every_n_steps=5, remedies=exact_auto())
     trainer(tmp_path, [resumed], max_epochs=2).fit(
         DigitsMLP(inf_grad_at_step=3), *loaders, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
@@ -34,8 +34,9 @@ def test_resume_restores_findings_counters_and_detector_state(tmp_path, loaders)
 
 
 def test_two_monitors_in_one_trainer_do_not_collide(tmp_path, loaders):
-    a = gradwatch.HealthMonitor(every_n_steps=5, name="fast", events_path=tmp_path / "a.jsonl")
-    b = gradwatch.HealthMonitor(every_n_steps=5, name="slow", events_path=tmp_path / "b.jsonl")
+    # two monitors acting on one model would both act: the keys are this test's subject, so they observe
+    a = gradwatch.HealthMonitor(every_n_steps=5, name="fast", events_path=tmp_path / "a.jsonl", remedies="off")
+    b = gradwatch.HealthMonitor(every_n_steps=5, name="slow", events_path=tmp_path / "b.jsonl", remedies="off")
     assert a.state_key != b.state_key
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     trainer(tmp_path, [a, b, ckpt], max_steps=6, enable_checkpointing=True).fit(

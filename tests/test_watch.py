@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from models import DigitsMLP, digits_loaders, trainer
 
 import gradwatch
+from gradwatch.remedies import SkipStep
 
 NAN_AT, SPIKE_AT, EPOCHS = 12, 40, 3
 
@@ -84,7 +85,8 @@ def test_plain_loop_recovers_like_the_trainer(tmp_path):
     assert rules["nonfinite"] == NAN_AT and rules["gradient_spike"] == SPIKE_AT
     for ours, theirs in zip(watch.findings, monitor.findings, strict=True):  # the same numbers, too
         assert ours.evidence == pytest.approx(theirs.evidence, rel=1e-4, nan_ok=True)
-    assert ("skip_step", NAN_AT) in [(a.remedy, a.step) for a in watch.actions]
+    # the default decides at the read: the NaN step is rolled back there (SkipStep(mode="deferred"))
+    assert ("rollback", NAN_AT) in [(a.remedy, a.step) for a in watch.actions]
     assert any(a.remedy == "clip_gradients" and SPIKE_AT in a.detail["steps"] for a in watch.actions)
     assert all(torch.isfinite(p).all() for p in plain.parameters())
 
@@ -115,7 +117,10 @@ def test_plain_loop_recovers_like_the_trainer(tmp_path):
     torch.manual_seed(0)
     clean = FaultyMLP()
     plain_loop(clean, digits_loaders())
-    assert accuracy(plain, loaders[1]) > accuracy(clean, loaders[1]) - 0.03 > 0.85
+    # the rollback loses at most every_n_steps plus the snapshot interval (20 + 20 steps by default)
+    (rollback,) = [a for a in watch.actions if a.remedy == "rollback"]
+    assert 0 <= NAN_AT - rollback.detail["restored_step"] <= 40
+    assert accuracy(plain, loaders[1]) > accuracy(clean, loaders[1]) - 0.1 > 0.8
 
 
 def test_fabric_loop_gives_the_plain_loops_findings(tmp_path):
@@ -137,12 +142,10 @@ def test_fabric_loop_gives_the_plain_loops_findings(tmp_path):
                 watch.step(loss)
                 step += 1
     assert watch.monitor.setup["loop"] == "fabric"
-    assert [(f.rule, f.step) for f in watch.findings][:2] == [
-        ("nonfinite", NAN_AT),
-        ("gradient_spike", SPIKE_AT),
-    ]
+    found = [(f.rule, f.step) for f in watch.findings]
+    assert found[0] == ("nonfinite", NAN_AT) and ("gradient_spike", SPIKE_AT) in found
     assert watch.findings[0].layer == "net.0"  # the user's module names, not Fabric's wrapper's
-    assert ("skip_step", NAN_AT) in [(a.remedy, a.step) for a in watch.actions]
+    assert ("rollback", NAN_AT) in [(a.remedy, a.step) for a in watch.actions]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (tmp_path / "gradwatch" / "events.jsonl").exists()
 
@@ -218,8 +221,8 @@ def test_both_lightning_namespaces(tmp_path, loaders):
         limit_val_batches=0,
     )
     trainer_.fit(Model(), loaders[0])
-    assert [(f.rule, f.step) for f in new.findings] == [("nonfinite", 3)]
-    assert [(a.remedy, a.step) for a in new.actions] == [("skip_step", 3)]
+    assert {(f.rule, f.step) for f in new.findings if f.severity != "info"} >= {("nonfinite", 3)}
+    assert [(a.remedy, a.step) for a in new.actions] == [("rollback", 3)]  # decided at the read
     assert new.events_path.startswith(str(tmp_path))
 
 
@@ -354,7 +357,7 @@ def test_skips_before_a_rollback_in_the_same_read_do_not_escalate_again():
         watch = gradwatch.Watch(
             model,
             opt,
-            remedies=["skip_step", "rollback"],
+            remedies=[SkipStep(mode="exact"), "rollback"],  # not fused: the per-step path to match
             every_n_steps=20,
             snapshot_every=5,
             print_summary=False,

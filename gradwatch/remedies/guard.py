@@ -19,6 +19,7 @@ from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.clip_gradients import ClipGradients
 from gradwatch.remedies.context import Context
 from gradwatch.remedies.responder import Responder
+from gradwatch.remedies.rollback import Rollback
 from gradwatch.remedies.skip_step import SkipStep
 
 
@@ -36,9 +37,19 @@ class StepGuard:
         self.clip: ClipGradients | None = next((r for r in remedies if isinstance(r, ClipGradients)), None)
         self.responder = responder
         self.horizon = horizon
+        #: skip_step decides at the read (SkipStep(mode="deferred"), the default): needs rollback to undo
+        self._can_defer = (
+            self.skip is not None and self.skip.mode == "deferred" and responder.rollback is not None
+        )
         #: Actions taken per step since the last read (skips, escalations); filed at the next read.
         self.pending: list[Action] = []
         self.clipped_steps: set[int] = set()  # the steps clipped in the last read
+
+    @property
+    def deferred(self) -> bool:
+        """skip_step decides at the read (``SkipStep(mode="deferred")``, the default; needs rollback to
+        undo a step that got through), until a non-finite step got through: then every step."""
+        return self._can_defer and not self.skip.leaked
 
     @property
     def active(self) -> bool:
@@ -57,8 +68,9 @@ class StepGuard:
         self.pending = []
 
     def batch_start(self) -> None:
-        """The first batch of an optimizer step: keep the buffers a skipped step must put back."""
-        if self.skip is not None:
+        """The first batch of an optimizer step: keep the buffers an exact skip must put back (a deferred
+        decision restores them with the rollback's snapshot)."""
+        if self.skip is not None and not self.deferred:
             self.skip.save_buffers()
 
     def repair(
@@ -73,12 +85,12 @@ class StepGuard:
         """Before the optimizer steps: skip the step if a gradient is non-finite, else clip adaptively.
 
         The sum of squares of the norms is non-finite exactly when a gradient holds a NaN or an Inf (or is
-        so large that its square overflows, which is no step to take either). With ``skip_step`` on, that
-        one number is read to the host (the per-step read), unless a fused optimizer can skip on the
-        device flag (:meth:`SkipStep.on_device`). ``row`` is the step's record (:class:`StepRow`).
+        so large that its square overflows, which is no step to take either). A fused optimizer skips on
+        that device flag (:meth:`SkipStep.on_device`); else, deferred (the default), the decision waits
+        for the next read; exact, the norms are read to the host (the per-step read). ``row`` is the
+        step's record (:class:`StepRow`).
         """
         opts = ctx.optimizers()
-        sq: torch.Tensor | float | None = None  # a host float once skip_step's decision has read it
         if self.skip is not None and not scaled and self.skip.ready(row.step):  # a GradScaler skips itself
             if self.skip.on_device(opts, ctx.world_size, self.horizon):
                 # no read: the fused optimizer skips on the device flag; counted at the next read
@@ -88,20 +100,38 @@ class StepGuard:
                 if self.clip is not None and grads:
                     row.clip = self.clip.clip(grads, sq)
                 return
-            values = norms.tolist()  # sync: skip_step's decision, the one read per step
-            sq = host_squared_total(values)
-            skip, norm, bad = self.skip.decide(row.step, sq, values, ctx.reduce_any)
-            if skip:
-                for p in params:
-                    p.grad = None  # torch optimizers leave parameters without a gradient untouched
-                self.skip.restore_buffers()
-                self.pending.append(self.skip.skipped(row.step, row.epoch, norm, bad))
-                if self.skip.consecutive >= self.skip.max_consecutive:
-                    self._escalate(row.step, row.epoch)
-                return
+            if self.deferred:
+                row.deferred = True  # judged at the next read: rolled back there if it was not finite
+            else:
+                return self._decide(row, params, grads, norms, opts, ctx)
         # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
         if self.clip is not None and grads and len(opts) == 1:
-            row.clip = self.clip.clip(grads, sq if sq is not None else squared_total(norms))
+            row.clip = self.clip.clip(grads, squared_total(norms))
+
+    def _decide(
+        self,
+        row: Any,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        norms: torch.Tensor,
+        opts: list[torch.optim.Optimizer],
+        ctx: Context,
+    ) -> None:
+        """``SkipStep(mode="exact")``: the decision now, on the norms read to the host; then clipping on
+        that host number."""
+        values = norms.tolist()  # sync: skip_step's decision, the one read per step
+        sq = host_squared_total(values)
+        skip, norm, bad = self.skip.decide(row.step, sq, values, ctx.reduce_any)
+        if skip:
+            for p in params:
+                p.grad = None  # torch optimizers leave parameters without a gradient untouched
+            self.skip.restore_buffers()
+            self.pending.append(self.skip.skipped(row.step, row.epoch, norm, bad))
+            if self.skip.consecutive >= self.skip.max_consecutive:
+                self._escalate(row.step, row.epoch)
+            return
+        if self.clip is not None and grads and len(opts) == 1:
+            row.clip = self.clip.clip(grads, sq)
 
     def step_done(self, row: Any, optimizers: list[torch.optim.Optimizer]) -> None:
         """After the optimizer step: a device flag was for that one step."""
@@ -110,20 +140,25 @@ class StepGuard:
                 self.skip.disarm(opt)
 
     def tally(self, rows: list[Any], stats: Any, escalate: bool) -> bool:
-        """Steps whose skip was decided on device (a fused optimizer's ``found_inf``): now that their norms
-        are on the host, count them, log each skip, and escalate at each skipped step that reaches
-        ``max_consecutive``, as the per-step path does at that step (a rollback in its cooldown lets the
-        skipping go on; a rollback resets the count). Not while a checkpoint is being written or the run
-        ends (``escalate=False``): the count is kept, and a skip at the next read escalates. Returns
-        whether a rollback restored a snapshot."""
+        """The decisions that waited for the read. Steps skipped on device (a fused optimizer's
+        ``found_inf``): count them, log each skip, and escalate at each skipped step that reaches
+        ``max_consecutive``, as the exact path does at that step (a rollback in its cooldown lets the
+        skipping go on; a rollback resets the count). Deferred steps whose non-finite gradients were
+        applied: roll back to the newest snapshot taken before the first of them. Not while a checkpoint
+        is being written or the run ends (``escalate=False``): device skips are counted on, and weights
+        a leak corrupted are the ordinary rules' to answer. Returns whether a rollback restored a
+        snapshot."""
         if self.skip is None:
             return False
         restored = False
+        leaked = []  # deferred steps whose non-finite gradients were applied
         for r, rec in zip(rows, stats.steps, strict=True):
-            if not r.device_skip:
-                continue
             # the flag was "the total squared norm is not finite": the same test as the read's row
             skipped = rec.grad_nonfinite > 0 or not math.isfinite(rec.grad_norm)
+            if r.deferred and skipped:
+                leaked.append(r)
+            if not r.device_skip:
+                continue
             # after a rollback in this read, the later rows were computed with the weights it replaced:
             # they say nothing about the restored state, so they neither count nor escalate
             if not restored:
@@ -132,6 +167,10 @@ class StepGuard:
                 self.pending.append(self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite))
                 if not restored and escalate and self.skip.consecutive >= self.skip.max_consecutive:
                     restored = self._escalate(r.step, r.epoch)
+        if leaked and escalate and not restored:  # back to the newest snapshot before the first of them
+            finding = Rollback.leaked(leaked[0].step, leaked[0].epoch, len(leaked))
+            restored = self.responder.escalate(finding, self.pending.append, margin=1)
+            self.skip.leaked = True  # this run makes non-finite steps: from now on, decide every step
         return restored
 
     def settle(self, rows: list[Any], stats: Any, clips: Any, escalate: bool) -> tuple[bool, list[Action]]:
@@ -152,7 +191,8 @@ class StepGuard:
         return restored, actions + ([action] if action is not None else [])
 
     def _escalate(self, step: int, epoch: int) -> bool:
-        restored = self.responder.escalate(step, epoch, self.skip.consecutive, self.pending.append)
+        finding = Rollback.escalation(step, epoch, self.skip.consecutive)
+        restored = self.responder.escalate(finding, self.pending.append)
         if restored:
             self.skip.consecutive = 0
         return restored

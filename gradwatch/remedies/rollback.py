@@ -19,7 +19,7 @@ class Rollback(Remedy):
 
     Snapshots are taken (:class:`~gradwatch.remedies.snapshots.SnapshotPolicy`) on reads with no unstable finding and no open unstable episode,
     every ``snapshot_every`` steps (default: every 20 at most, and no more often than keeps the copying
-    under 0.25% of the training time), copied to host memory, ``keep`` (2) of them; their size is in
+    under 1% of the training time), copied to host memory, ``keep`` (2) of them; their size is in
     the summary. Answers non-finite *weights* (the model is corrupted), repeated non-finite steps (after
     ``skip_step`` skipped ``max_consecutive`` in a row) and ``divergence``. The snapshot used is the newest
     one taken at least ``margin`` (20) steps before the finding's step, so a state already drifting is not
@@ -50,19 +50,22 @@ class Rollback(Remedy):
                 return None  # the scaler's business, or skip_step's (which escalates here when it repeats)
         return self.restore(finding, ctx)
 
-    def restore(self, finding: Finding, ctx: Any) -> Action | None:
-        """Load the newest snapshot old enough for ``finding`` (``ctx``: a RemedyContext)."""
+    def restore(self, finding: Finding, ctx: Any, margin: int | None = None) -> Action | None:
+        """Load the newest snapshot at least ``margin`` (default :attr:`margin`) steps older than
+        ``finding`` (``ctx``: a RemedyContext); ``margin=1``: the newest taken before its step."""
         training, snaps = ctx.context, ctx.snapshots
         if training is None or not snaps.ring:
             return None
-        while len(snaps.ring) > 1 and snaps.ring[-1].step > finding.step - self.margin:
+        margin = self.margin if margin is None else margin
+        while len(snaps.ring) > 1 and snaps.ring[-1].step > finding.step - margin:
             snaps.ring.pop()
         before = first_lr(ctx)
         snap = snaps.restore(training)
         ctx.lr.restored(snap.lr_applied)  # the restored optimizers hold the multiplier of that time
         for p in training.model.parameters():
             p.grad = None  # nothing of the bad step leaks into the next one
-        factor = self.lr_factor
+        # one non-finite step that got through (a bad batch) says nothing about the learning rate
+        factor = 1.0 if "nonfinite_steps" in finding.evidence else self.lr_factor
         if finding.rule == "divergence":
             factor = self.divergence_lr_factor
             if before > 0 and snap.lr > 0:  # the LR the snapshot was healthy with, if the schedule rose since
@@ -82,6 +85,23 @@ class Rollback(Remedy):
             lr_before=before,
             lr_after=after,
             snapshot_mib=snap.nbytes / 2**20,
+        )
+
+    @staticmethod
+    def leaked(step: int, epoch: int, steps: int) -> Finding:
+        """The finding a deferred skip decision raises when non-finite gradients reached the weights."""
+        return Finding(
+            "nonfinite",
+            Severity.CRITICAL,
+            step,
+            epoch,
+            None,
+            f"non-finite gradients at step {step} ({steps} step(s) up to this read) were applied: the skip "
+            "decision waits for the read",
+            {"nonfinite_steps": float(steps)},
+            "The weights may be corrupted. gradwatch rolls back to the last snapshot taken before that step "
+            "(the learning rate unchanged: one bad batch says nothing about it), and from now on decides every "
+            'step before it is taken (one host read per step, as SkipStep(mode="exact") does from the start).',
         )
 
     @staticmethod

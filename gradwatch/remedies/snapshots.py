@@ -20,7 +20,7 @@ from gradwatch.findings import Finding
 from gradwatch.remedies.context import Context
 
 #: With the default ``snapshot_every=None``: the most of the training time rollback snapshots may take.
-AUTO_SNAPSHOT_OVERHEAD = 0.0025
+AUTO_SNAPSHOT_OVERHEAD = 0.01
 
 
 def _to_host(obj: Any, reuse: Any = None) -> Any:
@@ -83,7 +83,7 @@ class Snapshots:
 
     keep: int = 2
     every_n_steps: int = 20
-    max_overhead: float | None = 0.0025
+    max_overhead: float | None = 0.01
     ring: list[Snapshot] = field(default_factory=list)
     peak_bytes: int = 0
     last_seconds: float = 0.0

@@ -63,6 +63,10 @@ def main(out_dir: str, nan_step: int, remedies: str = "off", measure: str = "eve
             r = self.global_rank
             return DataLoader(TensorDataset(x[:n][r::2], y[:n][r::2]), batch_size=BATCH, shuffle=False)
 
+    if remedies == "exact":  # "auto" with SkipStep(mode="exact"): each step decided as it comes
+        from models import exact_auto
+
+        remedies = exact_auto()
     mon = gradwatch.HealthMonitor(
         every_n_steps=1 if measure == "every_step" else 2,
         remedies=remedies,
