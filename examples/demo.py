@@ -7,7 +7,7 @@ mistakes at once: raw pixels (0..16), a learning rate that is too high, and a ha
 ``log(softmax(x))`` instead of ``cross_entropy``. Its loss becomes infinite within a few steps. It runs
 twice: with ``remedies="off"`` gradwatch names the step and the layer, says why, and writes it all to
 TensorBoard, the events file and the log, and the run ends with NaN weights; with ``remedies="auto"``
-(the default) it skips the poisoned steps, rolls back and lowers the learning rate, re-initializes dead
+(the default) it rolls back or skips the poisoned steps, lowers the learning rate, re-initializes dead
 units, and the run ends with a working model. Each run ends with gradwatch's one-screen health summary,
 and the demo prints the final validation accuracy of each.
 """

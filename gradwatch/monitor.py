@@ -248,7 +248,7 @@ class Monitor:
         self.last_step, self.last_epoch = last.step, last.epoch
         new = self.judge.read(stats)
         self._publish(new)  # before an escalation's own finding, which comes from a step after them
-        restored, step_actions = self.guard.settle(rows, stats, out.clips, escalate=respond and escalate)
+        restored, step_actions = self.guard.settle(rows, stats, out.clips, respond and escalate, respond)
         self.summary_ranges.track(stats)
         self.sinks.read(stats, {x.step for x in [*new, *step_actions]} | self.guard.clipped_steps)
         for action in step_actions:

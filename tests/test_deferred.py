@@ -133,3 +133,72 @@ def test_exact_mode_skips_as_it_comes_at_one_read_per_step(tmp_path):
 def test_skip_step_mode_is_checked():
     with pytest.raises(gradwatch.ConfigError, match=r"mode=.*'deferred' or 'exact'.*Did you mean 'exact'"):
         SkipStep(mode="exakt")
+
+
+def _watch_run(steps, nan_steps, every=10, **kw):
+    """SGD with momentum in a plain loop; NaN batches at ``nan_steps``. Returns (watch, model)."""
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = next(iter(digits_loaders(batch_size=64)[0]))
+    watch = gradwatch.Watch(model, opt, every_n_steps=every, snapshot_every=every, print_summary=False, **kw)
+    for step in range(steps):
+        opt.zero_grad()
+        xs = torch.full_like(x, math.nan) if step in nan_steps else x
+        torch.nn.functional.cross_entropy(model(xs), y).backward()
+        watch.step()
+    watch.close()
+    return watch, model
+
+
+def test_before_any_snapshot_the_step_is_decided_at_once():
+    """A NaN at step 0, before the first read's snapshot: no rollback could undo it, so it is skipped
+    as it comes (as with mode="exact"), and the run goes on finite instead of stopping."""
+    watch, model = _watch_run(30, {0})
+    assert [(a.remedy, a.step) for a in watch.actions if a.remedy != "clip_gradients"] == [("skip_step", 0)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_leak_keeps_the_lr_and_the_run_then_decides_every_step():
+    """The first NaN step (13) is rolled back at the read with the learning rate kept; the run has shown
+    it makes them, so the next one (step 25) is skipped as it comes; the state says so across a resume."""
+    watch, model = _watch_run(40, {13, 25})
+    acts = [(a.remedy, a.step) for a in watch.actions if a.remedy != "clip_gradients"]
+    assert acts == [("rollback", 13), ("skip_step", 25)]
+    rollback = next(a for a in watch.actions if a.remedy == "rollback")
+    assert rollback.detail["lr_after"] == rollback.detail["lr_before"] and watch.monitor.lr.multiplier == 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    saved = watch.monitor.state_dict()["remedies"]["skip_step"]
+    assert saved["leaked"] is True
+    fresh = SkipStep()
+    fresh.load_state_dict(saved)
+    assert fresh.leaked and (fresh.new_run() or not fresh.leaked)  # a new fit starts deferred again
+
+
+def test_a_leak_in_the_last_window_is_rolled_back_at_the_end():
+    """A NaN at step 25 of 30 (reads every 10): no read comes before the end, which rolls it back."""
+    watch, model = _watch_run(30, {25})
+    assert ("rollback", 25) in [(a.remedy, a.step) for a in watch.actions]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_leak_read_while_a_checkpoint_is_written_is_rolled_back_at_the_next_read():
+    """state_dict() at step 15 reads the NaN step 13 but takes no action there (a checkpoint is being
+    written); the next read rolls step 13 back."""
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = next(iter(digits_loaders(batch_size=64)[0]))
+    watch = gradwatch.Watch(model, opt, every_n_steps=10, snapshot_every=10, print_summary=False)
+    for step in range(30):
+        opt.zero_grad()
+        xs = torch.full_like(x, math.nan) if step == 13 else x
+        torch.nn.functional.cross_entropy(model(xs), y).backward()
+        watch.step()
+        if step == 15:
+            watch.state_dict()
+            assert not any(a.remedy == "rollback" for a in watch.actions)
+    watch.close()
+    rollback = next(a for a in watch.actions if a.remedy == "rollback")
+    assert (rollback.step, rollback.detail["restored_step"]) == (13, 10)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -44,12 +44,20 @@ class StepGuard:
         #: Actions taken per step since the last read (skips, escalations); filed at the next read.
         self.pending: list[Action] = []
         self.clipped_steps: set[int] = set()  # the steps clipped in the last read
+        self._leak: tuple[int, int, int] | None = None  # (first step, epoch, steps) not rolled back yet
 
-    @property
-    def deferred(self) -> bool:
-        """skip_step decides at the read (``SkipStep(mode="deferred")``, the default; needs rollback to
-        undo a step that got through), until a non-finite step got through: then every step."""
-        return self._can_defer and not self.skip.leaked
+    def deferred(self, step: int) -> bool:
+        """Whether skip_step's decision on ``step`` can wait for the read (``SkipStep(mode="deferred")``,
+        the default): only while a rollback could undo it (a snapshot in the ring, rollback's budget and
+        cooldown allowing), and until a non-finite step got through; otherwise it is decided now. The
+        ring and the budgets are the same on every rank, so every rank decides alike."""
+        rollback = self.responder.rollback
+        return (
+            self._can_defer
+            and not self.skip.leaked
+            and bool(self.responder.ctx.snapshots.ring)
+            and rollback.ready(step)
+        )
 
     @property
     def active(self) -> bool:
@@ -65,12 +73,12 @@ class StepGuard:
             self.step_done(open_row, optimizers)
         if self.skip is not None:
             self.skip.remove_hooks()
-        self.pending = []
+        self.pending, self._leak = [], None
 
     def batch_start(self) -> None:
         """The first batch of an optimizer step: keep the buffers an exact skip must put back (a deferred
         decision restores them with the rollback's snapshot)."""
-        if self.skip is not None and not self.deferred:
+        if self.skip is not None:  # cheap (buffers are small), and a decision may turn exact mid-window
             self.skip.save_buffers()
 
     def repair(
@@ -100,7 +108,7 @@ class StepGuard:
                 if self.clip is not None and grads:
                     row.clip = self.clip.clip(grads, sq)
                 return
-            if self.deferred:
+            if self.deferred(row.step):
                 row.deferred = True  # judged at the next read: rolled back there if it was not finite
             else:
                 return self._decide(row, params, grads, norms, opts, ctx)
@@ -139,15 +147,15 @@ class StepGuard:
             for opt in optimizers:
                 self.skip.disarm(opt)
 
-    def tally(self, rows: list[Any], stats: Any, escalate: bool) -> bool:
+    def tally(self, rows: list[Any], stats: Any, escalate: bool, roll_back: bool = True) -> bool:
         """The decisions that waited for the read. Steps skipped on device (a fused optimizer's
         ``found_inf``): count them, log each skip, and escalate at each skipped step that reaches
         ``max_consecutive``, as the exact path does at that step (a rollback in its cooldown lets the
         skipping go on; a rollback resets the count). Deferred steps whose non-finite gradients were
         applied: roll back to the newest snapshot taken before the first of them. Not while a checkpoint
-        is being written or the run ends (``escalate=False``): device skips are counted on, and weights
-        a leak corrupted are the ordinary rules' to answer. Returns whether a rollback restored a
-        snapshot."""
+        is being written or the run ends (``escalate=False``): device skips are counted on. Leaks are
+        rolled back at the run's end too; while a checkpoint is written (``roll_back=False``) they are
+        kept for the next read. Returns whether a rollback restored a snapshot."""
         if self.skip is None:
             return False
         restored = False
@@ -167,17 +175,28 @@ class StepGuard:
                 self.pending.append(self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite))
                 if not restored and escalate and self.skip.consecutive >= self.skip.max_consecutive:
                     restored = self._escalate(r.step, r.epoch)
-        if leaked and escalate and not restored:  # back to the newest snapshot before the first of them
-            finding = Rollback.leaked(leaked[0].step, leaked[0].epoch, len(leaked))
-            restored = self.responder.escalate(finding, self.pending.append, margin=1)
+        if leaked and not restored:
             self.skip.leaked = True  # this run makes non-finite steps: from now on, decide every step
+            if self._leak is None:
+                self._leak = (leaked[0].step, leaked[0].epoch, len(leaked))
+            else:
+                self._leak = (*self._leak[:2], self._leak[2] + len(leaked))
+        if self._leak is not None and roll_back and not restored:  # to the newest snapshot before it
+            finding = Rollback.leaked(*self._leak)
+            self._leak = None
+            restored = self.responder.escalate(finding, self.pending.append, margin=1)
+            if not restored:  # nothing could undo it (no snapshot, rollback spent): say so at least
+                self.responder.publish([finding])
+            self.skip.save_buffers()  # decided exactly from here: a skip must find the current buffers
         return restored
 
-    def settle(self, rows: list[Any], stats: Any, clips: Any, escalate: bool) -> tuple[bool, list[Action]]:
+    def settle(
+        self, rows: list[Any], stats: Any, clips: Any, escalate: bool, roll_back: bool = True
+    ) -> tuple[bool, list[Action]]:
         """At a read: tally the skips decided on device (:meth:`tally`), then hand over the actions taken
         since the last read, the clipping of this read's steps last (one action for all of them).
         Returns ``(restored, actions)``; :attr:`clipped_steps` are the steps clipped in this read."""
-        restored = self.tally(rows, stats, escalate)
+        restored = self.tally(rows, stats, escalate, roll_back)
         clipped = []
         if clips is not None and self.clip is not None:
             clipped = [

@@ -21,9 +21,11 @@ class Rollback(Remedy):
     every ``snapshot_every`` steps (default: every 20 at most, and no more often than keeps the copying
     under 1% of the training time), copied to host memory, ``keep`` (2) of them; their size is in
     the summary. Answers non-finite *weights* (the model is corrupted), repeated non-finite steps (after
-    ``skip_step`` skipped ``max_consecutive`` in a row) and ``divergence``. The snapshot used is the newest
-    one taken at least ``margin`` (20) steps before the finding's step, so a state already drifting is not
-    restored. Gradients are cleared after the restore.
+    ``skip_step`` skipped ``max_consecutive`` in a row), non-finite steps that ``skip_step``'s deferred
+    decision let through (to the newest snapshot taken before the first of them, the learning rate
+    unchanged) and ``divergence``. Otherwise the snapshot used is the newest one taken at least
+    ``margin`` (20) steps before the finding's step, so a state already drifting is not restored.
+    Gradients are cleared after the restore.
     """
 
     name = "rollback"
@@ -96,8 +98,8 @@ class Rollback(Remedy):
             step,
             epoch,
             None,
-            f"non-finite gradients at step {step} ({steps} step(s) up to this read) were applied: the skip "
-            "decision waits for the read",
+            f"non-finite gradients were applied from step {step} on ({steps} step(s) until this read): the "
+            "skip decision waits for the read",
             {"nonfinite_steps": float(steps)},
             "The weights may be corrupted. gradwatch rolls back to the last snapshot taken before that step "
             "(the learning rate unchanged: one bad batch says nothing about it), and from now on decides every "

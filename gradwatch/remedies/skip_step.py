@@ -29,10 +29,13 @@ class SkipStep(Remedy):
       its fused kernel leaves weights, moments, step counts and weight decay untouched. The skip is
       counted and logged at the next read; after ``max_consecutive`` (3) in a row the run is rolled back.
     - **every other optimizer** (SGD with or without momentum, Adam, AdamW, foreach or for-loop, several
-      optimizers, DDP): the step is taken, the flag stays on the device, and the next read (every
-      ``every_n_steps``) sees it. Non-finite gradients that reached the weights are answered there by
-      ``rollback`` to the newest snapshot taken before that step, and the learning rate is halved.
-      Snapshots are only taken after reads that saw no non-finite value, so the restored state is clean.
+      optimizers, DDP): the step is taken, and the next read (every ``every_n_steps``) sees its gradient
+      norms. Non-finite gradients that reached the weights are answered there by ``rollback`` to the
+      newest snapshot taken before that step, with the learning rate unchanged (one bad batch says
+      nothing about it). Snapshots are only taken after reads that saw no non-finite value, so the
+      restored state is clean. While no rollback could undo a step (no snapshot yet: a run's first steps,
+      or the first window after a resume, whose checkpoint holds no snapshot; rollback's budget spent or
+      in its cooldown) the step is decided as with ``mode="exact"``.
       **The most progress lost** is the steps back to that snapshot: ``every_n_steps`` (20) plus the
       time between snapshots (every 20 steps at most by default; larger models snapshot less often,
       under a 1% time budget; ``snapshot_every=N`` sets it). A run that has let a non-finite step
