@@ -29,7 +29,7 @@ def test_demo_shows_a_healthy_and_a_faulty_run(tmp_path):
         if line.startswith(("healthy ", "faulty,"))
     }
     off, auto = float(rows["faulty, remedies off"][0]), float(rows["faulty, remedies auto"][0])
-    assert off < 0.2 and auto > off + 0.2  # remedies off ends with NaN weights; auto ends with a working model
+    assert off < 0.2 < 0.5 < auto  # remedies off ends with NaN weights; auto ends with a working model
     events = tmp_path / "faulty_auto" / "version_0" / "gradwatch" / "events.jsonl"
     kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
     assert "finding" in kinds and "action" in kinds and kinds[-1] == "summary"
