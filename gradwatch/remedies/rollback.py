@@ -10,6 +10,11 @@ from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.reduce_lr import first_lr
 
 
+def _nonfinite(step: int, epoch: int, message: str, evidence: dict[str, float], advice: str) -> Finding:
+    """A critical ``nonfinite`` finding raised by per-step protection (no layer: it is about the steps)."""
+    return Finding("nonfinite", Severity.CRITICAL, step, epoch, None, message, evidence, advice)
+
+
 class Rollback(Remedy):
     """Load the newest healthy snapshot (model, optimizers, schedulers, scaler), then multiply the LR by
     ``lr_factor`` (0.5) after non-finite failures, or by ``divergence_lr_factor`` (0.1) after a
@@ -92,12 +97,9 @@ class Rollback(Remedy):
     @staticmethod
     def leaked(step: int, epoch: int, steps: int) -> Finding:
         """The finding a deferred skip decision raises when non-finite gradients reached the weights."""
-        return Finding(
-            "nonfinite",
-            Severity.CRITICAL,
+        return _nonfinite(
             step,
             epoch,
-            None,
             f"non-finite gradients were applied from step {step} on ({steps} step(s) until this read): the "
             "skip decision waits for the read",
             {"nonfinite_steps": float(steps)},
@@ -109,12 +111,9 @@ class Rollback(Remedy):
     @staticmethod
     def escalation(step: int, epoch: int, skipped: int) -> Finding:
         """The finding a run of skipped steps raises when it asks for a rollback."""
-        return Finding(
-            "nonfinite",
-            Severity.CRITICAL,
+        return _nonfinite(
             step,
             epoch,
-            None,
             f"{skipped} optimizer steps in a row had non-finite gradients; skipping is not enough",
             {"consecutive_skips": float(skipped)},
             "Training keeps producing NaN/Inf gradients: the weights or optimizer state are likely "
