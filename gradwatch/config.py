@@ -193,6 +193,12 @@ class Config:
     def _resolve_detectors(self) -> list[Detector]:
         if self.detectors is None:
             return default_detectors()
+        if isinstance(self.detectors, Detector) or not isinstance(self.detectors, Iterable):
+            raise ConfigError(
+                f"detectors must be a list of Detector instances, got {self.detectors!r} "
+                f"({type(self.detectors).__name__}). Write e.g. detectors=[gradwatch.detectors.NonFinite()] "
+                "or leave it out for all rules."
+            )
         found = list(self.detectors)
         for d in found:
             if not isinstance(d, Detector):

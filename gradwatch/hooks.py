@@ -9,6 +9,7 @@ Both call the same code on the same Trainer API, which the two packages share.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -38,6 +39,16 @@ def _lr_of(optimizer: Any) -> float | None:
     groups = getattr(optimizer, "param_groups", None)
     lr = groups[0].get("lr") if groups else None
     return float(lr) if isinstance(lr, float | int) else None
+
+
+def _stable(schedule: Any) -> str:
+    """``every_n_steps`` as it goes into the state key: the same in every process (a function by its
+    module and name, not by its repr, which holds a memory address)."""
+    if inspect.isroutine(schedule):  # a function, lambda or method: by where it is defined
+        return f"{getattr(schedule, '__module__', '')}.{schedule.__qualname__}"
+    if isinstance(schedule, int) or type(schedule).__repr__ is not object.__repr__:
+        return repr(schedule)  # an int, or an object that says what it is (EveryN(5))
+    return f"{type(schedule).__module__}.{type(schedule).__qualname__}"
 
 
 def _context(trainer: Any, pl_module: Any) -> Context:
@@ -115,7 +126,7 @@ class HealthMonitorHooks:
         # Lightning reads this several times per step: format it once
         key = self.__dict__.get("_state_key")
         if key is None:
-            key = self._generate_state_key(name=self.name, every_n_steps=repr(self.config.every_n_steps))
+            key = self._generate_state_key(name=self.name, every_n_steps=_stable(self.config.every_n_steps))
             self.__dict__["_state_key"] = key
         return key
 
@@ -212,3 +223,17 @@ class HealthMonitorHooks:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Lightning drops a callback's saved state silently when its key does not match: say so."""
+        states = checkpoint.get("callbacks") or {}
+        own = type(self).__qualname__ + "{"
+        others = [k for k in states if isinstance(k, str) and k.startswith(own) and k != self.state_key]
+        if self.state_key not in states and others:
+            log.warning(
+                "gradwatch: the checkpoint holds %s state under %s, not under this monitor's %s: it restores "
+                "nothing. Give it the name= and every_n_steps of the run that saved the checkpoint.",
+                type(self).__qualname__,
+                ", ".join(others),
+                self.state_key,
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from gradwatch.errors import ConfigError, check_positive_int
@@ -31,6 +32,15 @@ class EveryN:
 def as_schedule(name: str, value: int | Schedule, example: int) -> Schedule:
     """Accept an ``int`` cadence or a ``step -> bool`` callable; anything else is a ``ConfigError``."""
     if callable(value) and not isinstance(value, int):
+        try:
+            inspect.signature(value).bind(0)
+        except TypeError:
+            raise ConfigError(
+                f"{name} must take the optimizer step as its one argument (step -> bool), got {value!r}. "
+                f"Write e.g. {name}=lambda step: step % {example} == 0."
+            ) from None
+        except ValueError:  # a builtin without a signature: trust it
+            pass
         return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(

@@ -83,3 +83,22 @@ def test_good_configuration_and_caller_list_untouched():
     assert gradwatch.HealthMonitor(remedies="off").monitor.remedies == []
     auto = [r.name for r in gradwatch.HealthMonitor().monitor.remedies]
     assert auto == ["skip_step", "clip_gradients", "reduce_lr", "rollback", "reinitialize", "early_stop"]
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: gradwatch.detectors.GradientSpike(alpha=2.0), r"GradientSpike\(alpha=\.\.\.\) must be a number between 0 and 1"),
+        (lambda: gradwatch.remedies.ClipGradients(alpha=1.5), r"ClipGradients\(alpha=\.\.\.\) must be a number between 0 and 1"),
+        (lambda: gradwatch.remedies.Reinitialize(seed="a"), r"Reinitialize\(seed=\.\.\.\) must be an int, got 'a'"),
+        (lambda: gradwatch.HealthMonitor(every_n_steps=lambda: True), r"every_n_steps must take the optimizer step"),
+        (lambda: gradwatch.detectors.Divergence(patience=0.5), r"Divergence\(patience=\.\.\.\) must be a whole number > 0, got 0\.5"),
+        (lambda: gradwatch.HealthMonitor(detectors=5), r"detectors must be a list of Detector instances, got 5"),
+    ],
+    ids=["spike_alpha", "clip_alpha", "reinit_seed", "schedule_arity", "float_patience", "detectors_int"],
+)
+def test_settings_that_used_to_fail_mid_run_fail_at_construction(build, match):
+    """Each of these was accepted and then crashed or misbehaved during the fit (ZeroDivisionError, a
+    patience of 0 firing every step, a bare TypeError); now the constructor says what to write."""
+    with pytest.raises(gradwatch.ConfigError, match=match):
+        build()

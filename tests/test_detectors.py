@@ -319,7 +319,7 @@ def test_overfitting_silent_when_both_rise():
             lambda: DeadUnits(threshold="half"),
             r"DeadUnits\(threshold=\.\.\.\) must be a number > 0, got 'half'",
         ),
-        (lambda: Divergence(window=1), r"Divergence\(window=\.\.\.\) must be a number > 2, got 1"),
+        (lambda: Divergence(window=1), r"Divergence\(window=\.\.\.\) must be a whole number > 2, got 1"),
     ],
 )
 def test_bad_thresholds_fail_at_construction(make, match):

@@ -116,3 +116,40 @@ def test_resume_mid_episode_continues_detectors_counters_and_events(tmp_path, lo
         ("summary", 10),
     ]
     assert lines[-1]["rules"][0]["count"] == 2 and lines[-1]["rules"][0]["first_step"] == 4
+
+
+def every_third(step: int) -> bool:
+    return step % 3 == 0
+
+
+def test_a_callable_schedule_gives_the_same_state_key_in_every_process():
+    """The key holds the function's module and name, not its repr (a memory address that differs in the
+    resumed process, which then restored nothing, silently)."""
+    import subprocess
+    import sys
+
+    key = gradwatch.HealthMonitor(every_n_steps=every_third).state_key
+    assert "0x" not in key and "every_third" in key
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import gradwatch, test_state; "
+        "print(gradwatch.HealthMonitor(every_n_steps=test_state.every_third).state_key)"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip().splitlines()[-1] == key  # another process, the same key
+
+
+def test_a_checkpoint_saved_under_another_key_says_it_restores_nothing(tmp_path, loaders, caplog):
+    """Resuming with a monitor whose key differs (another name=) restores no gradwatch state: one
+    warning says so and what to write, instead of silence."""
+    import logging
+
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    first = gradwatch.HealthMonitor(every_n_steps=5, name="a", remedies="off")
+    trainer(tmp_path, [first, ckpt], max_steps=6, enable_checkpointing=True).fit(DigitsMLP(), *loaders)
+    resumed = gradwatch.HealthMonitor(every_n_steps=5, name="b", remedies="off")
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        trainer(tmp_path, [resumed], max_steps=8).fit(
+            DigitsMLP(), *loaders, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    warned = [r.getMessage() for r in caplog.records if "restores nothing" in r.getMessage()]
+    assert len(warned) == 1 and "'name': 'a'" in warned[0] and "name=" in warned[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gradwatch.detectors._running import EMA, safe_log
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_fraction, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats, StepRecord
 
@@ -35,8 +35,8 @@ class SpikeDetector(Detector):
         name = type(self).__name__
         self.z = check_threshold(name, "z", z, example=6.0)
         self.ratio = check_threshold(name, "ratio", ratio, low=1.0, example=3.0)
-        self.alpha = check_threshold(name, "alpha", alpha, example=0.97)
-        self.warmup_steps = int(check_threshold(name, "warmup_steps", warmup_steps, low=-1, example=25))
+        self.alpha = check_fraction(name, "alpha", alpha, example=0.97)
+        self.warmup_steps = check_count(name, "warmup_steps", warmup_steps, low=-1, example=25)
         self.ema = EMA(self.alpha)
         self.diff_var = 0.0
         self.prev = math.nan

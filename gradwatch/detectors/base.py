@@ -137,6 +137,25 @@ def _init_args(cls: type) -> list[str]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+def check_count(owner: str, name: str, value: object, low: int = 0, example: int = 1) -> int:
+    """Validate a whole number ``> low`` (a count of steps or reads); a float such as 0.5 is refused rather
+    than rounded to a value that changes what the rule does."""
+    if isinstance(value, bool) or not isinstance(value, int) or not value > low:
+        raise ConfigError(
+            f"{owner}({name}=...) must be a whole number > {low}, got {value!r}. Write e.g. {name}={example}."
+        )
+    return value
+
+
+def check_fraction(owner: str, name: str, value: object, example: float = 0.97) -> float:
+    """Validate a number strictly between 0 and 1 (an EMA's decay)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ConfigError(
+            f"{owner}({name}=...) must be a number between 0 and 1, got {value!r}. Write e.g. {name}={example}."
+        )
+    return float(value)
+
+
 def check_threshold(owner: str, name: str, value: object, low: float = 0.0, example: float = 1.0) -> float:
     """Validate a numeric threshold ``> low``; raise :class:`ConfigError` naming the detector and argument."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > low:

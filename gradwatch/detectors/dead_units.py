@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -36,7 +36,7 @@ class DeadUnits(Detector):
 
     def __init__(self, threshold: float = 0.5, persist: int = 2) -> None:
         self.threshold = check_threshold("DeadUnits", "threshold", threshold, example=0.5)
-        self.persist = int(check_threshold("DeadUnits", "persist", persist, example=2))
+        self.persist = check_count("DeadUnits", "persist", persist, example=2)
         self.streaks: dict[str, int] = {}
 
     def check(self, step: int, stats: Stats) -> list[Finding]:

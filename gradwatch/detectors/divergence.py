@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -33,8 +33,8 @@ class Divergence(Detector):
 
     def __init__(self, factor: float = 2.0, patience: int = 5, window: int = 20) -> None:
         self.factor = check_threshold("Divergence", "factor", factor, low=1.0, example=2.0)
-        self.patience = int(check_threshold("Divergence", "patience", patience, example=5))
-        self.window = int(check_threshold("Divergence", "window", window, low=2, example=20))
+        self.patience = check_count("Divergence", "patience", patience, example=5)
+        self.window = check_count("Divergence", "window", window, low=2, example=20)
         self.recent: list[float] = []
         self.best = math.inf
         self.initial = math.nan

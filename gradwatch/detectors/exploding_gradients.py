@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gradwatch.detectors._running import EMA, safe_log
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -34,7 +34,7 @@ class ExplodingGradients(Detector):
 
     def __init__(self, growth: float = 10.0, patience: int = 5, warmup_steps: int = 10) -> None:
         self.growth = check_threshold("ExplodingGradients", "growth", growth, low=1.0, example=10.0)
-        self.patience = int(check_threshold("ExplodingGradients", "patience", patience, example=5))
+        self.patience = check_count("ExplodingGradients", "patience", patience, example=5)
         self.warmup_steps = int(
             check_threshold("ExplodingGradients", "warmup_steps", warmup_steps, low=-1, example=10)
         )

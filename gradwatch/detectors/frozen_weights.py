@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -28,7 +28,7 @@ class FrozenWeights(Detector):
     )
 
     def __init__(self, persist: int = 2) -> None:
-        self.persist = int(check_threshold("FrozenWeights", "persist", persist, example=2))
+        self.persist = check_count("FrozenWeights", "persist", persist, example=2)
         self.streaks: dict[str, int] = {}
 
     def check(self, step: int, stats: Stats) -> list[Finding]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gradwatch.detectors._running import EMA
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -32,7 +32,7 @@ class LossPlateau(Detector):
     )
 
     def __init__(self, patience: int = 200, min_delta: float = 0.01, warmup_steps: int = 10) -> None:
-        self.patience = int(check_threshold("LossPlateau", "patience", patience, example=200))
+        self.patience = check_count("LossPlateau", "patience", patience, example=200)
         self.min_delta = check_threshold("LossPlateau", "min_delta", min_delta, low=-1e-12, example=0.01)
         self.warmup_steps = int(
             check_threshold("LossPlateau", "warmup_steps", warmup_steps, low=-1, example=10)

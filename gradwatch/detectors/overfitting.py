@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gradwatch.detectors._running import EMA
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -34,7 +34,7 @@ class Overfitting(Detector):
 
     def __init__(self, margin: float = 0.1, patience: int = 2) -> None:
         self.margin = check_threshold("Overfitting", "margin", margin, low=-1e-12, example=0.1)
-        self.patience = int(check_threshold("Overfitting", "patience", patience, example=2))
+        self.patience = check_count("Overfitting", "patience", patience, example=2)
         self.train = EMA(0.9)
         self.val_best = math.inf
         self.train_at_best = math.inf

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -38,7 +38,7 @@ class PoorInitialization(Detector):
 
     def __init__(self, factor: float = 2.5, max_step: int = 10) -> None:
         self.factor = check_threshold("PoorInitialization", "factor", factor, low=1.0, example=2.5)
-        self.max_step = int(check_threshold("PoorInitialization", "max_step", max_step, low=-1, example=10))
+        self.max_step = check_count("PoorInitialization", "max_step", max_step, low=-1, example=10)
         self.seen = 0
 
     def check(self, step: int, stats: Stats) -> list[Finding]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -33,7 +33,7 @@ class SaturatedActivations(Detector):
 
     def __init__(self, threshold: float = 0.5, persist: int = 2) -> None:
         self.threshold = check_threshold("SaturatedActivations", "threshold", threshold, example=0.5)
-        self.persist = int(check_threshold("SaturatedActivations", "persist", persist, example=2))
+        self.persist = check_count("SaturatedActivations", "persist", persist, example=2)
         self.streaks: dict[str, int] = {}
 
     def check(self, step: int, stats: Stats) -> list[Finding]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -37,7 +37,7 @@ class UpdateRatio(Detector):
     def __init__(self, low: float = 1e-5, high: float = 1e-1, persist: int = 3) -> None:
         self.low = check_threshold("UpdateRatio", "low", low, example=1e-5)
         self.high = check_threshold("UpdateRatio", "high", high, example=1e-1)
-        self.persist = int(check_threshold("UpdateRatio", "persist", persist, example=3))
+        self.persist = check_count("UpdateRatio", "persist", persist, example=3)
         self.streaks: dict[str, int] = {}
         self.last_lr: float | None = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradwatch.detectors.base import Detector, check_threshold
+from gradwatch.detectors.base import Detector, check_count, check_threshold
 from gradwatch.findings import Finding, Severity
 from gradwatch.stats import Stats
 
@@ -33,7 +33,7 @@ class VanishingGradients(Detector):
     def __init__(self, ratio: float = 1e-3, floor: float = 1e-4, persist: int = 2) -> None:
         self.ratio = check_threshold("VanishingGradients", "ratio", ratio, example=1e-3)
         self.floor = check_threshold("VanishingGradients", "floor", floor, example=1e-4)
-        self.persist = int(check_threshold("VanishingGradients", "persist", persist, example=2))
+        self.persist = check_count("VanishingGradients", "persist", persist, example=2)
         self.streak = 0
         self.prev_loss = math.nan
 

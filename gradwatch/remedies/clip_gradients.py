@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gradwatch.detectors.base import check_threshold
+from gradwatch.detectors.base import check_fraction, check_threshold
 from gradwatch.findings import Action, Finding
 from gradwatch.internals import foreach_mul_
 from gradwatch.probes.gradients import wide
@@ -37,7 +37,7 @@ class ClipGradients(Remedy):
     def __init__(self, z: float = 2.5, alpha: float = 0.97, warmup_steps: int = 25, **kw: Any) -> None:
         super().__init__(**kw)
         self.z = check_threshold("ClipGradients", "z", z, example=2.5)
-        self.alpha = check_threshold("ClipGradients", "alpha", alpha, example=0.97)
+        self.alpha = check_fraction("ClipGradients", "alpha", alpha, example=0.97)
         self.warmup_steps = int(
             check_threshold("ClipGradients", "warmup_steps", warmup_steps, low=-1, example=25)
         )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch.errors import check_positive_int
+from gradwatch.errors import ConfigError, check_positive_int
 from gradwatch.findings import Action, Finding
 from gradwatch.probes.activations import DEAD_RATE, kind_of
 from gradwatch.remedies.base import Remedy
@@ -124,6 +124,8 @@ class Reinitialize(Remedy):
     ) -> None:
         super().__init__(cooldown_steps=cooldown_steps, budget=budget)
         self.max_step = check_positive_int("Reinitialize(max_step=...)", max_step, 2000)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"Reinitialize(seed=...) must be an int, got {seed!r}. Write e.g. seed=0.")
         self.seed = seed
         self.done: list[str] = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradwatch.detectors.base import check_threshold
+from gradwatch.detectors.base import check_count, check_threshold
 from gradwatch.findings import Action, Finding, Severity
 from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.reduce_lr import first_lr
@@ -49,7 +49,7 @@ class Rollback(Remedy):
         self.divergence_lr_factor = check_threshold(
             "Rollback", "divergence_lr_factor", divergence_lr_factor, example=0.1
         )
-        self.margin = int(check_threshold("Rollback", "margin", margin, low=-1, example=20))
+        self.margin = check_count("Rollback", "margin", margin, low=-1, example=20)
 
     def respond(self, finding: Finding, ctx: Any) -> Action | None:
         if finding.rule == "nonfinite" and "nonfinite_layers" not in finding.evidence:
