@@ -145,8 +145,13 @@ class Config:
         if self.alert_url is not None and (
             not isinstance(self.alert_url, str) or not self.alert_url.startswith(("http://", "https://"))
         ):
+            got = (
+                "a string without http:// or https://"
+                if isinstance(self.alert_url, str)
+                else type(self.alert_url).__name__
+            )  # never the value: a webhook URL is a secret
             raise ConfigError(
-                f"alert_url must be an http(s) URL string or None, got {self.alert_url!r}. "
+                f"alert_url must be an http(s) URL string or None, got {got}. "
                 'Write e.g. alert_url="https://hooks.slack.com/services/...".'
             )
         derived(self, "targets", check_targets(self.alert_url, self.alerts))

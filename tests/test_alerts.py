@@ -238,3 +238,36 @@ def test_rate_limit_severity_filter_and_bounded_close(server_factory, gw_log):
 def test_bad_alert_targets_fail_at_construction(alerts, match):
     with pytest.raises(ConfigError, match=match):
         gradwatch.HealthMonitor(alerts=alerts)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hooks/SECRET x?token=TOKEN",  # a space: http.client's InvalidURL quotes the path
+        "http://user:SECRET@127.0.0.1:TOKEN/hook",  # a bad port: urllib quotes 'SECRET@127.0.0.1:TOKEN'
+        "http://127.0.0.1:9/hooks/SECRET?token=TOKEN",  # connection refused
+    ],
+    ids=["space", "userinfo_port", "refused"],
+)
+def test_no_log_line_carries_the_urls_secret(url, caplog):
+    """A delivery that fails for any reason is reported by scheme and host only: never the path, the
+    query or the userinfo, whatever urllib's own message quotes."""
+    import logging
+
+    from gradwatch.findings import Finding, Severity
+    from gradwatch.sinks.alerts import Alerts
+
+    sink = Alerts([url], retries=0, timeout=1, close_timeout=5)
+    with caplog.at_level(logging.DEBUG, logger="gradwatch"):
+        sink.start({"run": "r"})
+        sink.finding(Finding("nonfinite", Severity.CRITICAL, 3, 0, None, "m", {}, "a"))
+        sink.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "could not deliver" in text
+    assert "SECRET" not in text and "TOKEN" not in text, text
+
+
+def test_a_bad_alert_url_is_refused_without_echoing_it():
+    with pytest.raises(gradwatch.ConfigError, match="alert_url must be an http") as err:
+        gradwatch.HealthMonitor(alert_url="ftp://hooks.example/SECRET")
+    assert "SECRET" not in str(err.value)

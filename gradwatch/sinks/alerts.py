@@ -289,12 +289,12 @@ class Alerts(Sink):
 
     @staticmethod
     def _describe(err: Exception, target: Target) -> str:
+        """What went wrong, safe to log: for a URL, the status or the error's type and an OS error's words
+        only (urllib's messages quote pieces of the URL: a path with a space, ``'PASSWORD@host'``)."""
         if isinstance(err, urllib.error.HTTPError):
-            text = f"HTTP {err.code}"
-        elif isinstance(err, urllib.error.URLError):
-            text = f"{type(err.reason).__name__}: {err.reason}"
-        else:
-            text = f"{type(err).__name__}: {err}"
-        if isinstance(target, str):
-            text = text.replace(target, redact(target))  # an error message may quote the URL
-        return text
+            return f"HTTP {err.code}"
+        if not isinstance(target, str):
+            return f"{type(err).__name__}: {err}"
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        words = getattr(reason, "strerror", None) if isinstance(reason, OSError) else None
+        return f"{type(reason).__name__}: {words}" if words else type(reason).__name__
