@@ -67,6 +67,21 @@ def _check_bool(name: str, value: object) -> None:
         raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
 
 
+def _check_writable(path: str) -> None:
+    """``events_path`` names a file that can be created: not a directory, under a folder that exists or
+    can be made, and may be written to. A disk that fills up later is the sink's to survive."""
+    hint = 'Write e.g. events_path="runs/exp1/events.jsonl", or leave it out.'
+    if os.path.isdir(path):
+        raise ConfigError(f"events_path {path!r} is a directory; it names the events file. {hint}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"events_path {path!r} cannot be created: {folder!r} is not a writable folder. {hint}"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class Config:
     __doc__ = f"""The options of a gradwatch monitor, checked at construction.
@@ -161,6 +176,8 @@ class Config:
                 f'({type(self.events_path).__name__}). Write e.g. events_path="runs/events.jsonl", or leave '
                 "it out for <trainer.log_dir>/gradwatch/events.jsonl."
             )
+        if self.events_path is not None:
+            _check_writable(os.fspath(self.events_path))
         for name in ("per_layer", "activations", "inputs", "update_ratio", "print_summary"):
             _check_bool(name, getattr(self, name))
         derived(self, "detector_list", self._resolve_detectors())

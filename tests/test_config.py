@@ -102,3 +102,15 @@ def test_settings_that_used_to_fail_mid_run_fail_at_construction(build, match):
     patience of 0 firing every step, a bare TypeError); now the constructor says what to write."""
     with pytest.raises(gradwatch.ConfigError, match=match):
         build()
+
+
+def test_an_events_path_that_cannot_be_written_fails_at_construction(tmp_path):
+    """A directory, or a path under a regular file, is refused when the monitor is built, not when the
+    first finding is written mid-run (which used to kill training)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is a directory; it names the events file"):
+        gradwatch.HealthMonitor(events_path=tmp_path)
+    with pytest.raises(ConfigError, match="cannot be created: .* is not a writable folder"):
+        gradwatch.HealthMonitor(events_path=blocker / "sub" / "events.jsonl")
+    gradwatch.HealthMonitor(events_path=tmp_path / "new" / "deeper" / "events.jsonl")  # made when written
