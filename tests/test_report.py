@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -163,3 +164,42 @@ def test_html_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert len(images) == 4 and all(complete and width > 0 for _, complete, width in images), images
     assert title.startswith("gradwatch report")
     assert errors == []
+
+
+def test_report_reads_what_it_can_and_says_what_it_skipped(tmp_path):
+    """A half-written last line, an invalid line, NUL and non-UTF-8 bytes, an unknown severity and a
+    summary without ``rules``: ``gradwatch report`` prints the report (no traceback) and names the
+    lines it skipped."""
+    import subprocess
+    import sys
+
+    good = {
+        "kind": "finding",
+        "time": 1.0,
+        "rule": "nonfinite",
+        "severity": "critical",
+        "step": 3,
+        "epoch": 0,
+        "layer": None,
+        "message": "the loss is nan",
+        "evidence": {},
+        "advice": "a",
+    }
+    lines = [
+        json.dumps(good).encode(),
+        b"this is not json",
+        json.dumps({**good, "severity": "fatal"}).encode(),
+        b'{"kind": "finding", "rule": "nonfinite", "sev\x00\x00',
+        b"\xff\xfe not utf-8",
+        json.dumps({"kind": "summary", "status": "finished"}).encode(),
+        json.dumps(good)[:40].encode(),  # the half-written last line of a killed run
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    out = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "report", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "skipped 5 unreadable line(s)" in out.stdout, out.stdout
+    assert "nonfinite" in out.stdout and "CRITICAL" in out.stdout.upper()

@@ -6,6 +6,7 @@ Everything the report shows comes from what the run wrote; nothing is recomputed
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from gradwatch.findings import Action, Finding
-from gradwatch.sinks.events import read_events
 from gradwatch.sinks.summary import build_summary
 
 #: Per-layer / per-module tag families (present only when the run used ``per_layer=True``).
@@ -38,6 +38,8 @@ class Run:
     events: list[dict[str, Any]] = field(default_factory=list)
     tb_dirs: list[str] = field(default_factory=list)
     scalars: dict[str, Series] = field(default_factory=dict)
+    #: Lines of the events file that could not be read, each as ``"line N: why"``.
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def findings(self) -> list[Finding]:
@@ -51,12 +53,12 @@ class Run:
     def summary(self) -> dict[str, Any]:
         """The run's own summary line; for a run that was killed (no summary), one built from its events."""
         written = [e for e in self.events if e["kind"] == "summary"]
-        if written:
+        if written and all(k in written[-1] for k in SUMMARY_KEYS):
             return written[-1]
         # the last step anything was written at (per-step rows are thinned; reads come every_n_steps)
         last = max((int(s[0][-1]) + 1 for s in self.scalars.values() if len(s[0])), default=0)
         epochs = max((f.epoch for f in self.findings), default=0) + 1
-        return build_summary(
+        built = build_summary(
             self.findings,
             self.actions,
             status="unknown (no summary line: the run was killed or is still running)",
@@ -66,6 +68,7 @@ class Run:
             ranges={},
             events_path=self.events_path,
         )
+        return {**built, **written[-1]} if written else built  # a summary missing fields: filled in
 
     def per_layer(self, kind: str) -> dict[str, Series]:
         """``{layer: (steps, values)}`` for ``kind`` in :data:`LAYER_KINDS` (empty without ``per_layer=True``)."""
@@ -129,6 +132,43 @@ def read_scalars(tb_dirs: list[str]) -> dict[str, Series]:
     return out
 
 
+#: What a summary line must hold for the report to show it as written.
+SUMMARY_KEYS = ("status", "verdict", "steps", "epochs", "rules", "actions")
+
+
+def read_events_tolerant(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The events file's readable lines, and ``"line N: why"`` for each one skipped: a half-written
+    last line, a line that is not JSON or not UTF-8 (NUL bytes, a disk error), a finding or action
+    that does not parse (an unknown severity, a missing field)."""
+    events: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+                if "\x00" in text:
+                    raise UnicodeError("NUL bytes")
+                event = json.loads(text)
+                kind = event["kind"]
+                if kind == "finding":
+                    Finding.from_dict(event)
+                elif kind == "action":
+                    Action.from_dict(event)
+            except UnicodeError as err:
+                skipped.append(f"line {n}: not text ({err.reason if hasattr(err, 'reason') else err})")
+                continue
+            except json.JSONDecodeError:
+                skipped.append(f"line {n}: not JSON (a half-written line?)")
+                continue
+            except (KeyError, TypeError, ValueError) as err:
+                skipped.append(f"line {n}: not a gradwatch event ({type(err).__name__}: {err})")
+                continue
+            events.append(event)
+    return events, skipped
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> Run:
     """Read a run folder (a logger's version folder, or any folder holding one run's files).
 
@@ -155,8 +195,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> Run:
             f"{run_dir} holds no gradwatch events file (gradwatch/events.jsonl) and no TensorBoard event "
             "files; pass the folder a HealthMonitor run wrote to (trainer.log_dir)"
         )
-    events = read_events(events_path) if events_path else []
-    return Run(run_dir, events_path, events, tb_dirs, read_scalars(tb_dirs))
+    events, skipped = read_events_tolerant(events_path) if events_path else ([], [])
+    return Run(run_dir, events_path, events, tb_dirs, read_scalars(tb_dirs), skipped)
 
 
 def finite(series: Series) -> Series:

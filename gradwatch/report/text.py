@@ -113,6 +113,9 @@ def render_text(run: Run, max_findings: int = 10) -> str:
     lines.append(
         f"  TensorBoard: {', '.join(run.tb_dirs) or 'no event files found'} ({curves} gradwatch curves)"
     )
+    if run.skipped:
+        shown = "; ".join(run.skipped[:5]) + ("; ..." if len(run.skipped) > 5 else "")
+        lines.append(f"  skipped {len(run.skipped)} unreadable line(s) of the events file: {shown}")
     lines += verdict_lines(run)
     findings = run.findings
     if findings:
