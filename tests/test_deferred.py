@@ -98,19 +98,26 @@ def test_a_nan_step_between_reads_ends_in_finite_weights(tmp_path, opt):
     assert len(leaked) == 1 and leaked[0].step == 13 and leaked[0].severity == "critical"
 
 
+def _watch_run(steps, nan_steps, every=10, optimizer=OPTIMIZERS["sgd_momentum"], **kw):
+    """A plain loop (SGD with momentum unless told); NaN batches at ``nan_steps``. Returns (watch, model)."""
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    opt = optimizer(model.parameters())
+    x, y = next(iter(digits_loaders(batch_size=64)[0]))
+    watch = gradwatch.Watch(model, opt, every_n_steps=every, snapshot_every=every, print_summary=False, **kw)
+    for step in range(steps):
+        opt.zero_grad()
+        xs = torch.full_like(x, math.nan) if step in nan_steps else x
+        torch.nn.functional.cross_entropy(model(xs), y).backward()
+        watch.step()
+    watch.close()
+    return watch, model
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_watch_plain_loop_ends_a_nan_step_finite(tmp_path, name):
     """The same in a plain loop with ``Watch``."""
-    torch.manual_seed(0)
-    model = DigitsMLP()
-    opt = OPTIMIZERS[name](model.parameters())
-    x, y = next(iter(digits_loaders(batch_size=64)[0]))
-    with gradwatch.Watch(model, opt, every_n_steps=10, snapshot_every=10, print_summary=False) as watch:
-        for step in range(30):
-            opt.zero_grad()
-            xs = torch.full_like(x, math.nan) if step == 13 else x
-            torch.nn.functional.cross_entropy(model(xs), y).backward()
-            watch.step()
+    watch, model = _watch_run(30, {13}, optimizer=OPTIMIZERS[name])
     assert all(torch.isfinite(p).all() for p in model.parameters())
     acts = [(a.remedy, a.step) for a in watch.actions if a.remedy != "clip_gradients"]
     if name.endswith("_fused"):
@@ -133,22 +140,6 @@ def test_exact_mode_skips_as_it_comes_at_one_read_per_step(tmp_path):
 def test_skip_step_mode_is_checked():
     with pytest.raises(gradwatch.ConfigError, match=r"mode=.*'deferred' or 'exact'.*Did you mean 'exact'"):
         SkipStep(mode="exakt")
-
-
-def _watch_run(steps, nan_steps, every=10, **kw):
-    """SGD with momentum in a plain loop; NaN batches at ``nan_steps``. Returns (watch, model)."""
-    torch.manual_seed(0)
-    model = DigitsMLP()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = next(iter(digits_loaders(batch_size=64)[0]))
-    watch = gradwatch.Watch(model, opt, every_n_steps=every, snapshot_every=every, print_summary=False, **kw)
-    for step in range(steps):
-        opt.zero_grad()
-        xs = torch.full_like(x, math.nan) if step in nan_steps else x
-        torch.nn.functional.cross_entropy(model(xs), y).backward()
-        watch.step()
-    watch.close()
-    return watch, model
 
 
 def test_before_any_snapshot_the_step_is_decided_at_once():
