@@ -271,3 +271,92 @@ def test_a_bad_alert_url_is_refused_without_echoing_it():
     with pytest.raises(gradwatch.ConfigError, match="alert_url must be an http") as err:
         gradwatch.HealthMonitor(alert_url="ftp://hooks.example/SECRET")
     assert "SECRET" not in str(err.value)
+
+
+class Answers:
+    """A webhook on 127.0.0.1 that answers each request with the next ``(status, headers)`` of a script,
+    and records each request's method, path and time."""
+
+    def __init__(self, script: list[tuple[int, dict[str, str]]]) -> None:
+        self.script, self.seen = list(script), []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                owner.seen.append((self.command, self.path, time.monotonic(), body))
+                status, headers = owner.script.pop(0) if owner.script else (200, {})
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _send_one(url: str, **kw):  # noqa: ANN202 - an Alerts sink, imported inside
+    from gradwatch.findings import Finding, Severity
+    from gradwatch.sinks.alerts import Alerts
+
+    sink = Alerts([url], timeout=2, close_timeout=10, backoff=0.05, **kw)
+    sink.start({"run": "r"})
+    sink.finding(Finding("nonfinite", Severity.CRITICAL, 3, 0, None, "m", {}, "a"))
+    sink.close()
+    return sink
+
+
+@pytest.mark.parametrize("code", [301, 302, 303])
+def test_a_redirect_that_would_drop_the_body_is_a_failed_delivery(code, caplog):
+    """urllib would follow a 301/302/303 with a bodyless GET, which the target accepts: the alert lost,
+    counted as sent. Not followed: reported as failed, and no GET is made."""
+    server = Answers([(code, {"Location": "/elsewhere"})] * 3)
+    try:
+        with caplog.at_level("WARNING", logger="gradwatch"):
+            sink = _send_one(server.url)
+    finally:
+        server.close()
+    assert sink.sent == 0 and all(method == "POST" for method, *_ in server.seen)
+    assert any(f"HTTP {code}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("code", [307, 308])
+def test_a_redirect_that_keeps_the_body_is_followed(code):
+    server = Answers([(code, {"Location": "/moved"})])
+    try:
+        sink = _send_one(server.url)
+    finally:
+        server.close()
+    assert sink.sent == 1
+    (first, _, _, body1), (second, path, _, body2) = server.seen
+    assert (first, second, path) == ("POST", "POST", "/moved") and body1 == body2 and json.loads(body2)["rule"]
+
+
+def test_a_client_error_is_not_retried_and_retry_after_is_honoured():
+    """A 400 says the request is wrong: one attempt, not 1 + retries. A 429 with Retry-After: 1 waits
+    that second before the next attempt (the backoff here is 0.05 s)."""
+    bad = Answers([(400, {})] * 3)
+    try:
+        sink = _send_one(bad.url, retries=2)
+    finally:
+        bad.close()
+    assert sink.sent == 0 and len(bad.seen) == 1
+    busy = Answers([(429, {"Retry-After": "1"})])
+    try:
+        sink = _send_one(busy.url, retries=2)
+    finally:
+        busy.close()
+    assert sink.sent == 1 and len(busy.seen) == 2
+    assert busy.seen[1][2] - busy.seen[0][2] >= 0.9

@@ -14,7 +14,6 @@ a log line; a target is named by its scheme and host only.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import socket
@@ -29,6 +28,7 @@ from typing import Any
 
 from gradwatch.errors import ConfigError
 from gradwatch.findings import Action, Finding, Severity, _json_safe
+from gradwatch.sinks import webhook
 from gradwatch.sinks.base import Sink
 
 log = logging.getLogger("gradwatch")
@@ -252,17 +252,20 @@ class Alerts(Sink):
     def _deliver(self, i: int, target: Target, payload: dict[str, Any]) -> None:
         # A dead target gets one attempt per alert, not a retry ladder, so a backlog cannot build up.
         attempts = 1 if i in self._dead else 1 + self.retries
-        error = ""
+        error, wait = "", None
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(wait if wait is not None else self.backoff * 2 ** (attempt - 1))
             try:
                 if isinstance(target, str):
-                    self._post(target, payload)
+                    webhook.post(target, payload, self.timeout)
                 else:
                     target(payload)
             except Exception as err:
-                error = self._describe(err, target)
+                error, wait = self._describe(err, target), webhook.retry_after(err)
+                if not webhook.retryable(err):
+                    attempts = attempt + 1
+                    break
                 continue
             self.sent += 1
             if i in self._dead:
@@ -278,14 +281,6 @@ class Alerts(Sink):
                 attempts,
                 error,
             )
-
-    def _post(self, url: str, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload, allow_nan=False).encode()
-        request = urllib.request.Request(
-            url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            response.read()
 
     @staticmethod
     def _describe(err: Exception, target: Target) -> str:
