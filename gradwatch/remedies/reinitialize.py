@@ -106,8 +106,7 @@ class Reinitialize(Remedy):
       Sokar et al. 2023: the network's function is unchanged at the moment of the reset, and the units
       can learn again). When 90% or more of the layer is dead, its outgoing weights are drawn fresh
       instead: a dead layer passes no signal, and zero outgoing weights would leave it without gradient.
-    - ``saturated_activations``: the Linear/Conv feeding the tanh/sigmoid gets Xavier/Glorot weights
-      (gain 5/3 for tanh, 1 for sigmoid) and bias 0.
+    - ``saturated_activations``: its Linear/Conv gets Xavier weights (gain 5/3 tanh, 1 sigmoid), bias 0.
     - ``poor_initialization``: every Linear/Conv gets He (ReLU-family models) or Xavier (tanh/sigmoid
       models) weights and bias 0.
 
