@@ -184,7 +184,7 @@ class StepGuard:
         if self._leak is not None and roll_back and not restored:  # to the newest snapshot before it
             finding = Rollback.leaked(*self._leak)
             self._leak = None
-            restored = self.responder.escalate(finding, self.pending.append, margin=1)
+            restored = self.responder.escalate(finding, self.pending.append, margin=1, keep_lr=True)
             if not restored:  # nothing could undo it (no snapshot, rollback spent): say so at least
                 self.responder.publish([finding])
             self.skip.save_buffers()  # decided exactly from here: a skip must find the current buffers

@@ -116,16 +116,18 @@ class Responder:
             if not acted and spent and finding.severity == "critical":
                 self.give_up(finding, self.record)
 
-    def escalate(self, finding: Finding, record: Record, margin: int | None = None) -> bool:
+    def escalate(
+        self, finding: Finding, record: Record, margin: int | None = None, keep_lr: bool = False
+    ) -> bool:
         """Per-step protection is not enough (``finding``: repeated skips, or non-finite steps that got
-        through): roll back if possible (``margin``: see ``Rollback.restore``), else (the ladder spent)
+        through): roll back if possible (``margin``, ``keep_lr``: see ``Rollback.restore``), else (the ladder spent)
         give up. Returns whether a snapshot was restored; ``False`` too while rollback is in its cooldown
         (the skipping goes on meanwhile)."""
         rollback = self.rollback
         if rollback is not None and not rollback.spent:
             if not rollback.ready(finding.step):
                 return False
-            action = rollback.restore(finding, self.ctx, margin)
+            action = rollback.restore(finding, self.ctx, margin, keep_lr)
             if action is not None:
                 self.publish([finding])
                 record(action)

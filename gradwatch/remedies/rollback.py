@@ -57,9 +57,12 @@ class Rollback(Remedy):
                 return None  # the scaler's business, or skip_step's (which escalates here when it repeats)
         return self.restore(finding, ctx)
 
-    def restore(self, finding: Finding, ctx: Any, margin: int | None = None) -> Action | None:
+    def restore(
+        self, finding: Finding, ctx: Any, margin: int | None = None, keep_lr: bool = False
+    ) -> Action | None:
         """Load the newest snapshot at least ``margin`` (default :attr:`margin`) steps older than
-        ``finding`` (``ctx``: a RemedyContext); ``margin=1``: the newest taken before its step."""
+        ``finding`` (``ctx``: a RemedyContext); ``margin=1``: the newest taken before its step.
+        ``keep_lr``: no LR cut (one bad batch that got through says nothing about the learning rate)."""
         training, snaps = ctx.context, ctx.snapshots
         if training is None or not snaps.ring:
             return None
@@ -71,8 +74,7 @@ class Rollback(Remedy):
         ctx.lr.restored(snap.lr_applied)  # the restored optimizers hold the multiplier of that time
         for p in training.model.parameters():
             p.grad = None  # nothing of the bad step leaks into the next one
-        # one non-finite step that got through (a bad batch) says nothing about the learning rate
-        factor = 1.0 if "nonfinite_steps" in finding.evidence else self.lr_factor
+        factor = 1.0 if keep_lr else self.lr_factor
         if finding.rule == "divergence":
             factor = self.divergence_lr_factor
             if before > 0 and snap.lr > 0:  # the LR the snapshot was healthy with, if the schedule rose since
