@@ -30,6 +30,10 @@ def health_status(findings: Sequence[Finding]) -> str:
     """
     crit = sum(f.severity == Severity.CRITICAL for f in findings)
     warn = sum(f.severity == Severity.WARNING for f in findings)
+    return _status(crit, warn)
+
+
+def _status(crit: int, warn: int) -> str:
     parts = [f"{crit} crit"] * bool(crit) + [f"{warn} warn"] * bool(warn)
     return ", ".join(parts) or "ok"
 
@@ -38,12 +42,27 @@ class ProgressStatus:
     """Adds ``health`` to the items of a Lightning progress bar while attached.
 
     Args:
-        findings: returns the findings so far (called on each refresh of the bar; cheap).
+        findings: returns the findings so far, in order, a list that only grows (called on each
+            refresh of the bar). Each refresh counts only the findings added since the last one; a
+            different or shorter list (a resumed run's) is counted anew.
     """
 
     def __init__(self, findings: Callable[[], Sequence[Finding]]) -> None:
         self._findings = findings
         self._bar: Any = None
+        self._counted: Sequence[Finding] | None = None  # the list counted so far, and its first `_seen`
+        self._seen = self._crit = self._warn = 0
+
+    def status(self) -> str:
+        """What the bar shows now: :func:`health_status` of the findings so far, counted incrementally."""
+        findings = self._findings()
+        if findings is not self._counted or len(findings) < self._seen:
+            self._counted, self._seen, self._crit, self._warn = findings, 0, 0, 0
+        new = findings[self._seen :]
+        self._crit += sum(f.severity == Severity.CRITICAL for f in new)
+        self._warn += sum(f.severity == Severity.WARNING for f in new)
+        self._seen += len(new)
+        return _status(self._crit, self._warn)
 
     def attach(self, trainer: Any) -> None:
         """Wrap ``trainer.progress_bar_callback.get_metrics``; a trainer without a bar is left alone."""
@@ -55,7 +74,7 @@ class ProgressStatus:
 
         def get_metrics(trainer: Any, pl_module: Any) -> dict[str, Any]:
             items = dict(original(trainer, pl_module))
-            items[KEY] = health_status(self._findings())
+            items[KEY] = self.status()
             return items
 
         get_metrics.__gradwatch__ = True  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import re
 from contextlib import redirect_stdout
 
 import pytorch_lightning as pl
-from models import DigitsMLP, trainer
+from models import DigitsMLP, digits_loaders, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -44,6 +44,53 @@ def test_tqdm_progress_bar_shows_health(tmp_path, loaders):
     assert "health=ok" in out.getvalue() and "health=2 crit" in out.getvalue()  # what tqdm printed
     # after fit the wrapper is gone: the bar is the user's again
     assert "get_metrics" not in vars(t.progress_bar_callback)
+
+
+class ReadCount(list):
+    """A findings list that counts the findings read from it (by iteration or by index)."""
+
+    reads = 0
+
+    def __iter__(self):
+        for f in super().__iter__():
+            self.reads += 1
+            yield f
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        self.reads += len(got) if isinstance(i, slice) else 1
+        return got
+
+
+def test_progress_bar_counts_each_finding_once(tmp_path, loaders):
+    """Warnings, then criticals, then an info over 60 steps: at each step the bar shows the counts of
+    every finding so far (the reference: ``health_status`` over all of them), and its refreshes read
+    each finding once, not the whole list at every refresh."""
+    from gradwatch.progress import health_status
+
+    mon = gradwatch.HealthMonitor(every_n_steps=2, remedies="off", print_summary=False)
+    mon.monitor.findings = findings = ReadCount()
+    shown: dict[int, tuple[str, int]] = {}
+    refresh_reads = []
+
+    class PeekCounts(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            before = findings.reads
+            status = trainer.progress_bar_callback.get_metrics(trainer, pl_module)["health"]
+            refresh_reads.append(findings.reads - before)
+            shown[trainer.global_step] = (status, len(findings))
+
+    bar = pl.callbacks.TQDMProgressBar()
+    t = trainer(tmp_path, [mon, PeekCounts(), bar], max_steps=60, logger=False, enable_progress_bar=True)
+    with redirect_stdout(io.StringIO()):
+        t.fit(DigitsMLP(lr=1.5, nan_at_step=30), digits_loaders(batch_size=16)[0])
+    assert len(findings) >= 5 and {f.severity.value for f in findings} == {"info", "warning", "critical"}
+    for step, (status, n) in shown.items():
+        assert status == health_status(list.__getitem__(findings, slice(0, n))), step
+    statuses = [status for status, _ in shown.values()]
+    assert statuses[0] == "ok" and statuses[-1] == health_status(list(findings)) != "ok"
+    assert len(set(statuses)) >= 4  # the counts changed several times during the fit
+    assert sum(refresh_reads) <= len(findings)  # each finding counted once, at the first refresh after it
 
 
 def test_health_status_counts_warnings_and_criticals():
