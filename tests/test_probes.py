@@ -334,3 +334,102 @@ def test_mixed_loss_dtypes_are_derived_each_on_its_own():
     losses = [torch.tensor(257), torch.tensor(1.5, dtype=torch.bfloat16)]
     rows = [StepRow(s, 0, None, [torch.ones(2)], [pos], [loss]) for s, loss in enumerate(losses)]
     assert derive(rows, 2, torch.device("cpu"))[:, 0].tolist() == [257.0, 1.5]
+
+
+# ---------------------------------------------------------------------------- data flow
+class _Shared(torch.nn.Module):
+    """One ReLU after fc1, fc2 and fc3, registered after fc3 (registration order would pair it with fc3)."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(8, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 5)
+        self.act = torch.nn.ReLU(inplace=inplace)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        for fc in (self.fc1, self.fc2, self.fc3):
+            x = self.act(fc(x))
+        return self.head(x)
+
+
+class _OutOfOrder(torch.nn.Module):
+    """Registered act, fc2, fc1; run fc1 -> bn -> act -> dropout -> fc2, and act(fc2 + 1) (no producer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act, self.fc2, self.bn, self.drop, self.fc1 = (
+            torch.nn.ReLU(),
+            torch.nn.Linear(6, 6),
+            torch.nn.BatchNorm1d(6),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(8, 6),
+        )
+
+    def forward(self, x):
+        return self.act(self.fc2(self.drop(self.act(self.bn(self.fc1(x))))) + 1)
+
+
+class _Functional(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 6), torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(F.dropout(F.relu(self.a(x)), 0.1, self.training))
+
+
+FLOWS = {
+    "shared": (
+        _Shared,
+        {"fc1": ("fc1", (), None), "act@fc1": ("fc1", (), "fc2"), "act@fc2": ("fc2", (), "fc3")}
+        | {"act@fc3": ("fc3", (), "head")},
+    ),
+    "shared_inplace": (
+        lambda: _Shared(inplace=True),
+        {"act@fc1": ("fc1", (), "fc2"), "act@fc3": ("fc3", (), "head")},
+    ),
+    "out_of_order": (_OutOfOrder, {"act@fc1": ("fc1", ("bn",), "fc2"), "act#2": (None, (), None)}),
+    "functional": (_Functional, {"a": ("a", (), "b"), "b": ("b", (), None)}),
+}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("case", list(FLOWS))
+def test_activation_calls_are_paired_by_the_forward_pass(case, grad):
+    from gradwatch.probes.activations import ActivationProbe, summarize
+    from gradwatch.probes.dataflow import Pair, flow_of
+
+    build, expected = FLOWS[case]
+    model = build()
+    probe = ActivationProbe(model)
+    x = torch.rand(16, 8)
+    probe.attach()
+    with torch.set_grad_enabled(grad):
+        model(x).sum().backward() if grad else model(x)
+    probe.detach()
+    names, kinds, stats = probe.collect()
+    pairs = flow_of(model).pairs
+    if not grad and case == "functional":  # no autograd graph to walk back through F.relu
+        expected = {**expected, "a": ("a", (), None)}
+    assert {n: pairs[n] for n in expected} == {n: Pair(*p) for n, p in expected.items()}
+    if case == "shared":  # each call's statistics are its own: the obvious reference, call by call
+        assert [n for n in names if n.startswith("act")] == ["act@fc1", "act@fc2", "act@fc3"]
+        h = x
+        for fc in ("fc1", "fc2", "fc3"):
+            h = torch.relu(getattr(model, fc)(h)).detach()
+            ref, active = summarize(h, "relu")
+            torch.testing.assert_close(stats[names.index(f"act@{fc}")], ref)
+            torch.testing.assert_close(probe.activity[f"act@{fc}"], active)
+    assert len(names) == len(kinds) == len(stats)
+
+
+def test_registration_order_stands_in_without_a_recorded_flow():
+    """A compiled model records no flow (dynamo traces the hooks): the Sequential order is used."""
+    from gradwatch.probes.dataflow import Pair, pair_of
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2)
+    )
+    assert pair_of(net, "2") == Pair("0", ("1",), "3")
+    assert pair_of(net, "3") == Pair("3", (), None)
+    assert pair_of(net, "missing") is None

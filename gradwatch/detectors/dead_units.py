@@ -17,6 +17,8 @@ class DeadUnits(Detector):
     SageMaker Debugger's "active less than 1% of the time". For models with no activation modules at
     all (``F.relu`` inside ``forward``), the Linear/Conv pre-activations stand in (units ``> 0`` on fewer
     than 1% of samples), except the model's last Linear/Conv, whose outputs are not followed by a ReLU.
+    A ReLU module called after several layers (one ``self.act`` after fc1, fc2, fc3) is judged per call,
+    as ``act@fc1``, ``act@fc2``, ...: the Linear/Conv that fed each call, seen in the forward pass.
 
     Fires when the fraction exceeds ``threshold`` (0.5; SageMaker Debugger: units inactive in > 50% of
     a layer) on ``persist`` (2) consecutive checks — a dead unit stays dead, a sleepy one does not.

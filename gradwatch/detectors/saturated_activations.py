@@ -16,7 +16,8 @@ class SaturatedActivations(Detector):
     the fraction of outputs with ``|y| > 0.99`` (tanh) or ``y < 0.01 or y > 0.99`` (sigmoid).
     Fires when it exceeds ``threshold`` (0.5; SageMaker Debugger's and DeepDiagnosis' default) on
     ``persist`` (2) consecutive checks, or exceeds ``0.9`` on one. Functional ``torch.tanh`` calls are
-    not judged (their module is unknown); their Linear's ``saturated_frac`` is logged for reading.
+    not judged (their module is unknown); their Linear's ``saturated_frac`` is logged for reading. A
+    module called after several layers is judged per call, as ``tanh@fc1``, ``tanh@fc2``, ...
 
     Severity: warning. Layer: the module. Evidence: saturated_frac, std, max_abs.
     """

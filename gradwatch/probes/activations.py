@@ -10,6 +10,10 @@ Which modules are watched, and how their output is read (see :class:`gradwatch.s
   tanh is past 0.99).
 - Other activation modules (GELU, SiLU, ELU, LeakyReLU, ...): mean, std and max only.
 
+A module called more than once in a forward pass gives one summary per producer (the Linear/Conv whose
+output it read, seen by :mod:`gradwatch.probes.dataflow`): ``act@fc1``, ``act@fc2``; a module that ran for
+one producer keeps its own name, so unshared models keep their names and TensorBoard tags.
+
 Units are features for 2-D outputs ``(N, F)``, channels (dim 1) for convolution outputs and 4-D/5-D
 tensors, and the last dimension for 3-D outputs of non-convolution modules ``(N, T, F)``.
 """
@@ -24,6 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch.internals import is_compiled
+from gradwatch.probes.dataflow import NORMS, DataFlow, call_names, pass_through_modules
 
 _RELU = (nn.ReLU, nn.ReLU6)
 _TANH = (nn.Tanh, nn.Hardtanh)
@@ -139,10 +144,15 @@ class ActivationProbe:
             (name, m, kind) for name, m in model.named_modules() if (kind := kind_of(m)) is not None
         ]
         self._handles: list[RemovableHandle] = []
-        self._captured: dict[str, torch.Tensor] = {}
-        #: Per-unit activity of relu/linear modules at the last sampled step (device vectors, never read).
+        # (module, producer) -> (call number, stats, per-unit activity): one sample per pair per step
+        self._captured: dict[tuple[str, str | None], tuple[int, torch.Tensor, torch.Tensor | None]] = {}
+        #: Per-unit activity of relu/linear calls at the last sampled step (device vectors, never read).
         self.activity: dict[str, torch.Tensor] = {}
         self.persistent = is_compiled(model)
+        #: Which Linear/Conv feeds each call (not under torch.compile: dynamo traces the hooks, and tensor
+        #: identities while tracing are not the runtime ones; remedies then go by registration order).
+        self.flow = None if self.persistent else DataFlow(model)
+        self._passes = pass_through_modules(model) if self.flow is not None else []
         self.sampling = False
         if self.persistent:  # before the first forward, so that dynamo traces them (gated off)
             self._register()
@@ -152,12 +162,13 @@ class ActivationProbe:
         return self.sampling if self.persistent else bool(self._handles)
 
     def attach(self) -> None:
+        self._captured.clear()
+        if self.flow is not None:
+            self.flow.clear()
         if self.persistent and self._handles:
-            self._captured.clear()
             self.sampling = True
             return
         self.detach()
-        self._captured.clear()
         self.sampling = True
         self._register()
 
@@ -166,17 +177,39 @@ class ActivationProbe:
             self._handles.append(
                 module.register_forward_hook(self._hook(name, kind, isinstance(module, _CONV)))
             )
+        for name, module in self._passes:  # BatchNorm, Dropout, Identity: they only hand the tags on
+            self._handles.append(
+                module.register_forward_hook(self._pass_hook(name, isinstance(module, NORMS)))
+            )
 
     def _hook(self, name: str, kind: str, conv: bool) -> Any:
+        flow = self.flow
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.sampling or name in self._captured:
-                return  # one sample per module per scheduled step
+            if not self.sampling:
+                return
             y = output[0] if isinstance(output, tuple | list) else output
+            producer, call = None, 1
+            if flow is not None:
+                x = args[0] if args else None
+                call = flow.count(name)
+                if kind == "linear":
+                    flow.weighted(name, x, y)
+                else:
+                    producer = flow.activation(name, x, y)
+            if (name, producer) in self._captured:
+                return  # one sample per (module, producer) per scheduled step
             if isinstance(y, torch.Tensor) and y.is_floating_point() and y.numel() > 0:
                 with torch.no_grad():
-                    self._captured[name], active = summarize(y, kind, conv)
-                    if active is not None:
-                        self.activity[name] = active  # kept on device for remedies (reinitialize)
+                    stats, active = summarize(y, kind, conv)
+                self._captured[(name, producer)] = (call, stats, active)
+
+        return hook
+
+    def _pass_hook(self, name: str, norm: bool) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.sampling and args and self.flow is not None:
+                self.flow.passed(name, norm, args[0], output)
 
         return hook
 
@@ -194,9 +227,22 @@ class ActivationProbe:
         self._handles.clear()
 
     def collect(self) -> tuple[list[str], list[str], torch.Tensor | None]:
-        """``(names, kinds, stats[M, len(FIELDS)])`` of the modules that ran since :meth:`attach`."""
+        """``(names, kinds, stats[M, len(FIELDS)])`` of the calls since :meth:`attach`, in module order.
+
+        A module called for several producers (one ``nn.ReLU`` after fc1, fc2, fc3) has one entry per
+        producer, named ``act@fc1``, ...; a module that ran for one producer keeps its own name.
+        """
+        order = {name: i for i, (name, _, _) in enumerate(self.modules)}
         kinds = {name: kind for name, _, kind in self.modules}
-        names = [name for name, _, _ in self.modules if name in self._captured]
-        stats = torch.stack([self._captured[n] for n in names]) if names else None
+        keys = sorted(self._captured, key=lambda k: (order[k[0]], self._captured[k][0]))
+        names = call_names([(m, p, self._captured[(m, p)][0]) for m, p in keys])
+        for key, name in zip(keys, names, strict=True):
+            active = self._captured[key][2]
+            if active is not None:
+                self.activity[name] = active  # kept on device for remedies (reinitialize)
+        if self.flow is not None:
+            linear = {name for name, _, kind in self.modules if kind == "linear"}
+            self.flow.settle(dict(zip(keys, names, strict=True)), linear)
+        stats = torch.stack([self._captured[k][1] for k in keys]) if keys else None
         self._captured.clear()
-        return names, [kinds[n] for n in names], stats
+        return names, [kinds[m] for m, _ in keys], stats

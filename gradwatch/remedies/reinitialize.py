@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -11,10 +12,11 @@ from torch import nn
 from gradwatch.errors import ConfigError, check_positive_int
 from gradwatch.findings import Action, Finding
 from gradwatch.probes.activations import DEAD_RATE, kind_of
+from gradwatch.probes.dataflow import NORMS, WEIGHTED, Pair, pair_of
 from gradwatch.remedies.base import Remedy
+from gradwatch.remedies.reinit_limits import refusal
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+log = logging.getLogger("gradwatch")
 
 
 def _units_out(m: nn.Module) -> int:
@@ -23,43 +25,6 @@ def _units_out(m: nn.Module) -> int:
 
 def _units_in(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.in_channels
-
-
-_ELEMENTWISE = (
-    *_NORMS,
-    nn.Dropout,
-    nn.Identity,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.GELU,
-    nn.SiLU,
-    nn.ELU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Mish,
-    nn.Softplus,
-    nn.SELU,
-    nn.CELU,
-    nn.PReLU,
-)
-
-
-def _elementwise_run(modules: list[tuple[str, nn.Module]], i: int) -> list[nn.Module]:
-    """The leaf modules right after ``modules[i]`` (registration order) that keep its units as they are.
-
-    The next Linear/Conv is the units' consumer only if nothing else (pooling, flattening, attention)
-    comes between. Registration order is taken as execution order, which holds for ``nn.Sequential``
-    stacks; anything unknown stops the search, and then outgoing weights are left alone.
-    """
-    out: list[nn.Module] = []
-    for _, m in modules[i + 1 :]:
-        if not isinstance(m, _ELEMENTWISE):
-            break
-        out.append(m)
-    return out
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -102,13 +67,23 @@ class Reinitialize(Remedy):
 
     - ``dead_units``: the dead units (active on < 1% of samples at the last sample) get fresh incoming
       weights (PyTorch's default Kaiming-uniform, bias 0) in the Linear/Conv that feeds them, a reset
-      BatchNorm channel if one sits between, and zero outgoing weights in the next Linear/Conv (ReDo,
-      Sokar et al. 2023: the network's function is unchanged at the moment of the reset, and the units
-      can learn again). When 90% or more of the layer is dead, its outgoing weights are drawn fresh
-      instead: a dead layer passes no signal, and zero outgoing weights would leave it without gradient.
+      channel in each BatchNorm they pass through, and zero outgoing weights in the Linear/Conv that reads
+      them (ReDo, Sokar et al. 2023: the network's function is unchanged at the moment of the reset, and
+      the units can learn again). When 90% or more of the layer is dead, its outgoing weights are drawn
+      fresh instead: a dead layer passes no signal, and zero outgoing weights would leave it without
+      gradient.
     - ``saturated_activations``: its Linear/Conv gets Xavier weights (gain 5/3 tanh, 1 sigmoid), bias 0.
     - ``poor_initialization``: every Linear/Conv gets He (ReLU-family models) or Xavier (tanh/sigmoid
-      models) weights and bias 0.
+      models) weights and bias 0, unless the model was loaded rather than freshly initialized: the fit
+      resumed from a checkpoint (Lightning's ``fit(ckpt_path=...)``, or gradwatch's own state restored),
+      a parameter has ``requires_grad=False`` (a frozen pretrained part), or ``pretrained=True``. The
+      weights' scale is no evidence either way: N(0, 1) weights are the very fault the rule reports.
+
+    Which Linear/Conv feeds an activation, and which reads it, comes from the forward pass of the last
+    sampled step (:mod:`gradwatch.probes.dataflow`): one ``nn.ReLU`` used after fc1, fc2 and fc3 is
+    judged per call (``act@fc1``, ...), and a finding on ``act@fc1`` re-initializes fc1. Registration order
+    stands in only under ``torch.compile``. Parameters with ``requires_grad=False`` are never touched: a
+    finding that would need them gets no action (the log says why, once).
 
     The optimizer state (moments, momentum buffers) of exactly the re-initialized slices is zeroed. A
     fixed-seed generator makes every rank draw the same weights. Each layer is re-initialized at most
@@ -119,18 +94,30 @@ class Reinitialize(Remedy):
     answers = ("dead_units", "saturated_activations", "poor_initialization")
 
     def __init__(
-        self, max_step: int = 2000, cooldown_steps: int = 0, budget: int = 10, seed: int = 0
+        self,
+        max_step: int = 2000,
+        cooldown_steps: int = 0,
+        budget: int = 10,
+        seed: int = 0,
+        pretrained: bool = False,
     ) -> None:
         super().__init__(cooldown_steps=cooldown_steps, budget=budget)
         self.max_step = check_positive_int("Reinitialize(max_step=...)", max_step, 2000)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"Reinitialize(seed=...) must be an int, got {seed!r}. Write e.g. seed=0.")
-        self.seed = seed
+        if not isinstance(pretrained, bool):
+            raise ConfigError(
+                f"Reinitialize(pretrained=...) must be True or False, got {pretrained!r}. Write e.g. "
+                "pretrained=True when the model's weights were loaded."
+            )
+        self.seed, self.pretrained = seed, pretrained
         self.done: list[str] = []
+        self.resumed = False  # gradwatch's state was restored from a checkpoint: this fit continues a run
+        self._told: set[str] = set()  # why a finding got no action, logged once per rule and layer
 
     def new_run(self) -> None:
         super().new_run()
-        self.done = []
+        self.done, self.resumed = [], False
 
     # ------------------------------------------------------------------ acting
     def respond(self, finding: Finding, ctx: Any) -> Action | None:
@@ -142,48 +129,44 @@ class Reinitialize(Remedy):
             finding.rule == "poor_initialization" and any(k.startswith("poor") for k in self.done)
         ):
             return None
+        model = training.model
+        named = dict(model.named_modules())
+        pair = pair_of(model, finding.layer) if finding.rule != "poor_initialization" else None
+        why = refusal(finding.rule, finding.layer, model, pair, self.pretrained, self.resumed)
+        if why is not None:
+            if key not in self._told:  # once per rule and layer: the finding may come again
+                self._told.add(key)
+                where = f" in {finding.layer}" if finding.layer else ""
+                log.info("gradwatch: reinitialize does not answer %s%s: %s", finding.rule, where, why)
+            return None
         gen = torch.Generator().manual_seed(self.seed + finding.step)
-        modules = list(training.model.named_modules())
         optimizers = training.optimizers()
         with torch.no_grad():
             if finding.rule == "dead_units":
-                detail = self._dead(finding.layer, modules, ctx, optimizers, gen)
+                detail = self._dead(finding.layer, pair, named, ctx, optimizers, gen)
             elif finding.rule == "saturated_activations":
-                detail = self._saturated(finding.layer, modules, optimizers, gen)
+                detail = self._saturated(finding.layer, pair, named, optimizers, gen)
             else:
-                detail = self._all(modules, optimizers, gen)
+                detail = self._all(list(named.items()), optimizers, gen)
         if detail is None:
             return None
         self.done.append(key)
         what = detail.pop("what")
         return self.action(finding, f"re-initialized {what}", **detail)
 
-    def _producer(
-        self, name: str | None, modules: list[tuple[str, nn.Module]]
-    ) -> tuple[int, str, nn.Module] | None:
-        """The Linear/Conv at or before module ``name``."""
-        idx = next((i for i, (n, _) in enumerate(modules) if n == name), None)
-        if idx is None:
-            return None
-        for i in range(idx, -1, -1):
-            n, m = modules[i]
-            if isinstance(m, _WEIGHTED):
-                return i, n, m
-        return None
-
     def _dead(
         self,
         layer: str | None,
-        modules: list[tuple[str, nn.Module]],
+        pair: Pair | None,
+        named: dict[str, nn.Module],
         ctx: Any,
         optimizers: list[torch.optim.Optimizer],
         gen: torch.Generator,
     ) -> dict[str, Any] | None:
         activity = ctx.unit_activity(layer)
-        found = self._producer(layer, modules)
-        if activity is None or found is None:
+        producer = named.get(pair.producer) if pair is not None and pair.producer else None
+        if activity is None or not isinstance(producer, WEIGHTED):
             return None
-        i, name, producer = found
         units = _units_out(producer)
         if activity.numel() != units:
             return None
@@ -199,20 +182,19 @@ class Reinitialize(Remedy):
         if producer.bias is not None:
             producer.bias.index_fill_(0, dead.to(producer.bias.device), 0.0)
             touched += reset_optimizer_state(optimizers, producer.bias, dead)
-        after = _elementwise_run(modules, i)  # the modules the units' values flow through unchanged in shape
-        norms = [m for m in after if isinstance(m, _NORMS) and m.num_features == units][:1]
-        for bn in norms:
-            d = dead.to(bn.weight.device)
-            bn.weight.index_fill_(0, d, 1.0)
-            bn.bias.index_fill_(0, d, 0.0)
+        norms = [m for n in pair.norms if isinstance(m := named.get(n), NORMS) and m.num_features == units]
+        for bn in norms:  # the BatchNorm channels the units pass through, on the way in or out
+            d = dead.to(bn.weight.device) if bn.weight is not None else dead
+            if bn.weight is not None:
+                bn.weight.index_fill_(0, d, 1.0)
+                bn.bias.index_fill_(0, d, 0.0)
+                touched += reset_optimizer_state(optimizers, bn.weight, dead)
+                touched += reset_optimizer_state(optimizers, bn.bias, dead)
             if bn.running_mean is not None:
-                bn.running_mean.index_fill_(0, d, 0.0)
-                bn.running_var.index_fill_(0, d, 1.0)
-            touched += reset_optimizer_state(optimizers, bn.weight, dead) + reset_optimizer_state(
-                optimizers, bn.bias, dead
-            )
-        nxt = modules[i + 1 + len(after)][1] if i + 1 + len(after) < len(modules) else None
-        consumer = nxt if isinstance(nxt, _WEIGHTED) and _units_in(nxt) == units else None
+                bn.running_mean.index_fill_(0, dead.to(bn.running_mean.device), 0.0)
+                bn.running_var.index_fill_(0, dead.to(bn.running_var.device), 1.0)
+        nxt = named.get(pair.consumer) if pair.consumer else None
+        consumer = nxt if isinstance(nxt, WEIGHTED) and _units_in(nxt) == units else None
         whole = dead.numel() >= 0.9 * units
         if consumer is not None:
             cw = consumer.weight
@@ -223,10 +205,14 @@ class Reinitialize(Remedy):
             else:  # ReDo: the function is unchanged at the moment of the reset
                 cw.index_fill_(1, dead.to(cw.device), 0.0)
             touched += reset_optimizer_state(optimizers, cw, dead, dim=1)
+        outgoing = (
+            "no outgoing weights" if consumer is None else "fresh outgoing" if whole else "zero outgoing"
+        )
         return {
-            "what": f"{dead.numel()} dead unit(s) of {units} in {name} (fresh incoming weights, "
-            + ("fresh outgoing)" if whole else "zero outgoing)"),
-            "layer": name,
+            "what": f"{dead.numel()} dead unit(s) of {units} in {pair.producer} (fresh incoming weights, "
+            + f"{outgoing})",
+            "layer": pair.producer,
+            "consumer": pair.consumer if consumer is not None else None,
             "units": int(dead.numel()),
             "of": units,
             "dead_frac_before": float(dead.numel()) / units,
@@ -236,22 +222,22 @@ class Reinitialize(Remedy):
     def _saturated(
         self,
         layer: str | None,
-        modules: list[tuple[str, nn.Module]],
+        pair: Pair | None,
+        named: dict[str, nn.Module],
         optimizers: list[torch.optim.Optimizer],
         gen: torch.Generator,
     ) -> dict[str, Any] | None:
-        found = self._producer(layer, modules)
-        if found is None:
+        producer = named.get(pair.producer) if pair is not None and pair.producer else None
+        if not isinstance(producer, WEIGHTED):
             return None
-        _, name, producer = found
-        act = next((m for n, m in modules if n == layer), None)
+        act = named.get(layer.split("@")[0].split("#")[0]) if layer else None  # tanh@fc1: a call of tanh
         gain = 5 / 3 if act is not None and kind_of(act) == "tanh" else 1.0
         before = float(producer.weight.detach().float().std())  # sync: acting, rare
         touched = self._fresh(producer, optimizers, gen, xavier=True, gain=gain)
         after = float(producer.weight.detach().float().std())  # sync: acting, rare
         return {
-            "what": f"{name} with Xavier weights (gain {gain:.3g})",
-            "layer": name,
+            "what": f"{pair.producer} with Xavier weights (gain {gain:.3g})",
+            "layer": pair.producer,
             "weight_std_before": before,
             "weight_std_after": after,
             "optimizer_tensors_reset": touched,
@@ -263,7 +249,7 @@ class Reinitialize(Remedy):
         optimizers: list[torch.optim.Optimizer],
         gen: torch.Generator,
     ) -> dict[str, Any] | None:
-        weighted = [(n, m) for n, m in modules if isinstance(m, _WEIGHTED)]
+        weighted = [(n, m) for n, m in modules if isinstance(m, WEIGHTED)]
         if not weighted:
             return None
         xavier = any(kind_of(m) in ("tanh", "sigmoid") for _, m in modules)
@@ -298,3 +284,4 @@ class Reinitialize(Remedy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.done = list(state.get("done", []))
+        self.resumed = True  # a checkpoint's state: the weights it comes with were trained, not initialized
