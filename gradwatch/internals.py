@@ -26,6 +26,12 @@ def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_norm(tensors, 2, dtype=torch.float32)
 
 
+def foreach_norm_native(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norm of each tensor in its own precision (``torch._foreach_norm`` without a dtype): float64 for
+    float64, and real for complex tensors (float32 for complex64, float64 for complex128)."""
+    return torch._foreach_norm(tensors, 2)
+
+
 def foreach_mul_(tensors: list[torch.Tensor], factor: torch.Tensor | float) -> None:
     """Scale every tensor in place (``torch._foreach_mul_``; a 0-d tensor factor needs no host read)."""
     torch._foreach_mul_(tensors, factor)

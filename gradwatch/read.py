@@ -53,7 +53,7 @@ def read(
         else:
             coefs = torch.stack([torch.as_tensor(c, device=layout.device).float().reshape(()) for c in clips])
         transfer.add("clips", coefs, MEAN)
-    if scheduled:  # the weights as this step updated them
+    if scheduled and len(layout):  # the weights as this step updated them (if the model has any)
         w_sq, w_bad, update = probes.weights.measure()
         transfer.add("weight_sq", w_sq, PARAM)
         transfer.add("weight_bad", w_bad, SUM)

@@ -64,7 +64,9 @@ class Recorder:
             self.grad_layers = layers if self.grad_layers is None else self.grad_layers + layers
 
     def add_loss(self, loss: torch.Tensor) -> None:
-        self.losses.append(loss.detach())
+        """A batch's loss; a per-sample loss vector (reduced by the user for backward) by its mean, on device."""
+        loss = loss.detach()
+        self.losses.append(loss if loss.dim() == 0 else loss.float().mean())
 
     def close(self, loss_scale: torch.Tensor | None) -> StepRow | None:
         """The batch ended: if an optimizer step ran in it, its row joins the pending ones (returned)."""

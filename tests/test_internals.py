@@ -14,11 +14,17 @@ from gradwatch import internals
 
 
 def test_every_private_access_works_on_the_installed_versions(tmp_path):
-    assert int(torch.__version__.split(".")[0]) == 2, f"internals.py was checked with torch 2.x, got {torch.__version__}"
+    assert int(torch.__version__.split(".")[0]) == 2, (
+        f"internals.py was checked with torch 2.x, got {torch.__version__}"
+    )
     tensors = [torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 2.0], [2.0, 4.0]])]
     # torch._foreach_* kernels
     norms = internals.foreach_norm(tensors)
     assert [n.dtype for n in norms] == [torch.float32] * 2 and [float(n) for n in norms] == [5.0, 5.0]
+    # without a dtype: float64 kept, complex norms real (float64 and complex models)
+    wide = internals.foreach_norm_native([tensors[0].double(), torch.tensor([3 + 4j]), tensors[0]])
+    assert [n.dtype for n in wide] == [torch.float64, torch.float32, torch.float32]
+    assert [float(n) for n in wide] == [5.0, 5.0, 5.0]
     copies = internals.foreach_copy(tensors)
     assert all(c is not t and torch.equal(c, t) for c, t in zip(copies, tensors, strict=True))
     internals.foreach_mul_(copies, torch.tensor(2.0))

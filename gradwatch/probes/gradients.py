@@ -4,6 +4,11 @@ Runs in ``on_before_optimizer_step``: after accumulation, after AMP unscaling, b
 Every step it produces three device scalars (total squared norm, non-finite count, index of the
 first non-finite parameter) with no host sync. On scheduled steps it also keeps the per-layer
 squared norms.
+
+Dtypes and layouts: float32, float16 and bfloat16 gradients go through one fused float32 kernel (the
+fast path). float64 and complex ones, and sparse gradients (``nn.Embedding(sparse=True)``), take
+:func:`grouped_norms`: one kernel per kind, float64 norms kept in float64, complex norms real, sparse
+gradients by their coalesced values.
 """
 
 from __future__ import annotations
@@ -13,13 +18,46 @@ import math
 import torch
 
 from gradwatch.distributed import local
-from gradwatch.internals import foreach_norm
+from gradwatch.internals import foreach_norm, foreach_norm_native
 from gradwatch.probes.layout import ParamLayout
 
+#: The dtypes whose norms the fused float32 kernel takes: the fast path, one kernel a step.
+NARROW = (torch.float32, torch.float16, torch.bfloat16)
 
-def foreach_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, as one float32 vector on the tensors' device (no host sync)."""
-    return torch.stack(foreach_norm(tensors))
+
+def needs_grouping(tensors: list[torch.Tensor]) -> bool:
+    """Whether some tensor is not a dense float32/float16/bfloat16 one (see :func:`grouped_norms`)."""
+    return any(t.dtype not in NARROW or t.layout != torch.strided for t in tensors)
+
+
+def foreach_norms(tensors: list[torch.Tensor], grouped: bool = False) -> torch.Tensor:
+    """L2 norm of each tensor, as one vector on the tensors' device (no host sync): float32 from one fused
+    kernel, or with ``grouped`` (float64, complex or sparse tensors among them) :func:`grouped_norms`."""
+    return grouped_norms(tensors) if grouped else torch.stack(foreach_norm(tensors))
+
+
+def grouped_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor when the float32 kernel cannot take them all, in their order: dense
+    float32/16 in float32, float64 and complex in their own precision (the norm of a complex tensor is
+    real), a sparse one by its values once coalesced (duplicate indices summed, as in the dense tensor).
+    Two fused kernels at most; float64 if any norm is (``stack`` promotes), else float32.
+
+    Example:
+        >>> grouped_norms([torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0], dtype=torch.float64)])
+        tensor([5., 5.], dtype=torch.float64)
+        >>> duplicates = torch.sparse_coo_tensor([[0, 0]], [3.0, 1.0], (2,))  # index 0 twice: 3 + 1
+        >>> grouped_norms([torch.tensor([3 + 4j]), duplicates])
+        tensor([5., 4.])
+    """
+    dense = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    narrow = [i for i, t in enumerate(dense) if t.dtype in NARROW]
+    native = [i for i, t in enumerate(dense) if t.dtype not in NARROW]
+    out: list[torch.Tensor | None] = [None] * len(dense)
+    for group, norm in ((narrow, foreach_norm), (native, foreach_norm_native)):
+        if group:
+            for i, n in zip(group, norm([dense[i] for i in group]), strict=True):
+                out[i] = n
+    return torch.stack(out)
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
@@ -68,6 +106,8 @@ class GradientProbe:
 
     def __init__(self, layout: ParamLayout) -> None:
         self.layout = layout
+        #: Gradients the fused float32 kernel cannot take (float64, complex; sparse, found at the first)
+        self.grouped = needs_grouping(layout.params)
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _indices(self, idx: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -97,7 +137,14 @@ class GradientProbe:
         if not grads:
             return None
         # sharded: each rank measures its own shards (their squares are summed at the read)
-        norms = foreach_norms([local(g) for g in grads] if sharded else grads)
+        grads_ = [local(g) for g in grads] if sharded else grads
+        try:
+            norms = foreach_norms(grads_, self.grouped)
+        except RuntimeError:  # a sparse gradient (nn.Embedding(sparse=True)): grouped from now on
+            if self.grouped or not needs_grouping(grads_):
+                raise
+            self.grouped = True
+            norms = foreach_norms(grads_, grouped=True)
         positions = self._indices(tuple(idx), norms.device)
         layers = None
         if per_layer:

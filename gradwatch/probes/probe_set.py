@@ -7,6 +7,7 @@ go on a :class:`~gradwatch.stats.Transfer` that the read takes.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from gradwatch.probes.layout import ParamLayout
 from gradwatch.probes.weights import WeightProbe
 from gradwatch.stats import Transfer
 
+log = logging.getLogger("gradwatch")
+
 
 class ProbeSet:
     """``activations`` / ``inputs``: whether those heavy probes run at all."""
@@ -28,10 +31,30 @@ class ProbeSet:
         self.grads = GradientProbe(self.layout)
         self.weights = WeightProbe(self.layout)
         self.acts = ActivationProbe(model) if activations else None
+        self._note_unmeasured(model)
         self.inputs = inputs
         self._transfer = Transfer()
         self._act_names: tuple[list[str], list[str]] | None = None
         self._probed_step: int | None = None
+
+    def _note_unmeasured(self, model: nn.Module) -> None:
+        """What the probes cannot measure on this model, in one log line a run (built once per run)."""
+        parts = []
+        if not self.layout.params:  # a frozen model, the optimizer training its input (adversarial examples)
+            parts.append(
+                f"gradient and weight norms, update ratios ({type(model).__name__} has no trainable "
+                "parameters: the optimizer trains tensors outside it; the gradient norm reads 0)"
+            )
+        modules = self.acts.modules if self.acts is not None else []
+        cplx = [n for n, m, _ in modules if any(p.is_complex() for p in m.parameters(recurse=False))]
+        if cplx:  # their outputs are complex: zero, dead and saturated fractions are for real values
+            parts.append(
+                f"the activations of complex module(s) {', '.join(cplx[:3])}{', ...' * (len(cplx) > 3)}"
+            )
+        if parts:
+            log.info(
+                "gradwatch: not measured in this run: %s. The rest is measured as usual.", "; ".join(parts)
+            )
 
     def names(self, per_layer: bool) -> dict[str, Any]:
         """What sinks may lay out by name (TensorBoard's per-block charts; per-layer tags need per_layer)."""

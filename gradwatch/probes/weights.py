@@ -10,13 +10,14 @@ import torch
 
 from gradwatch.distributed import local
 from gradwatch.internals import foreach_copy, foreach_sub
-from gradwatch.probes.gradients import foreach_norms, wide
+from gradwatch.probes.gradients import foreach_norms, needs_grouping, wide
 from gradwatch.probes.layout import ParamLayout
 
 
 class WeightProbe:
     def __init__(self, layout: ParamLayout) -> None:
         self.layout = layout
+        self.grouped = needs_grouping(layout.params)  # float64 or complex weights
         self._before: list[torch.Tensor] | None = None
 
     def _params(self) -> list[torch.Tensor]:
@@ -27,6 +28,8 @@ class WeightProbe:
 
     def snapshot(self) -> None:
         """Copy the weights before the optimizer step (probe steps only)."""
+        if not self.layout.params:
+            return  # nothing trainable in the model (the optimizer trains tensors outside it)
         with torch.no_grad():
             self._before = foreach_copy(self._params())
 
@@ -35,13 +38,13 @@ class WeightProbe:
         last is ``[update, before]`` stacked. One per-layer reduction for all of them."""
         with torch.no_grad():
             params = self._params()
-            norms = foreach_norms(params)
+            norms = foreach_norms(params, self.grouped)
             before, self._before = self._before, None
             # squares summed per layer in float64 (one rounding to float32 at the read)
             rows = [wide(norms).square(), wide(torch.isfinite(norms).logical_not())]
             if before is not None:
                 delta = foreach_sub(params, before)
-                rows += [wide(foreach_norms(delta)).square(), wide(foreach_norms(before)).square()]
+                rows += [wide(foreach_norms(d, self.grouped)).square() for d in (delta, before)]
             per = self.layout.per_layer(torch.stack(rows))
             return per[0], per[1], (per[2:] if len(rows) > 2 else None)
 
