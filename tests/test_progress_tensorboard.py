@@ -69,22 +69,29 @@ def test_progress_bar_counts_each_finding_once(tmp_path, loaders):
     from gradwatch.progress import health_status
 
     mon = gradwatch.HealthMonitor(every_n_steps=2, remedies="off", print_summary=False)
-    mon.monitor.findings = findings = ReadCount()
     shown: dict[int, tuple[str, int]] = {}
     refresh_reads = []
 
     class PeekCounts(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # the fit's own list (a new fit starts a new one)
+            mon.monitor.findings = ReadCount(mon.monitor.findings)
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            before = findings.reads
+            before = mon.monitor.findings.reads
             status = trainer.progress_bar_callback.get_metrics(trainer, pl_module)["health"]
-            refresh_reads.append(findings.reads - before)
-            shown[trainer.global_step] = (status, len(findings))
+            refresh_reads.append(mon.monitor.findings.reads - before)
+            shown[trainer.global_step] = (status, len(mon.monitor.findings))
 
     bar = pl.callbacks.TQDMProgressBar()
     t = trainer(tmp_path, [mon, PeekCounts(), bar], max_steps=60, logger=False, enable_progress_bar=True)
     with redirect_stdout(io.StringIO()):
         t.fit(DigitsMLP(lr=1.5, nan_at_step=30), digits_loaders(batch_size=16)[0])
-    assert len(findings) >= 5 and {f.severity.value for f in findings} == {"info", "warning", "critical"}
+    findings = mon.monitor.findings
+    assert (
+        isinstance(findings, ReadCount)
+        and len(findings) >= 5
+        and {f.severity.value for f in findings} == {"info", "warning", "critical"}
+    )
     for step, (status, n) in shown.items():
         assert status == health_status(list.__getitem__(findings, slice(0, n))), step
     statuses = [status for status, _ in shown.values()]
