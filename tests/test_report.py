@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import pytorch_lightning as pl
@@ -93,6 +94,47 @@ def test_html_report_is_one_self_contained_page(run_dir, tmp_path):
     assert all(base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n" for _, b64 in images)
     assert not re.search(r"(src|href)=\"(?!data:)", page)  # nothing loaded from elsewhere
     assert "nonfinite" in page and "skip_step" in page
+    assert "<h2>Findings (2)</h2>" in page and "more findings" not in page  # all listed
+    assert "drawn as" not in page  # every finding and action drawn as its own line / triangle
+
+
+def _many_events(run_dir, dest, n: int) -> tuple[list[dict], list[dict]]:
+    """A copy of ``run_dir`` whose events file repeats the run's own findings and actions ``n`` times in
+    all, two a step, and has no summary line (as if killed); returns (findings, actions) written."""
+    shutil.copytree(run_dir, dest)
+    path = dest / "gradwatch" / "events.jsonl"
+    templates = [e for e in map(json.loads, path.read_text().splitlines()) if e["kind"] != "summary"]
+    written = [{**templates[i % len(templates)], "step": i // 2} for i in range(n)]
+    path.write_text("".join(json.dumps(e) + "\n" for e in written))
+    return [e for e in written if e["kind"] == "finding"], [e for e in written if e["kind"] == "action"]
+
+
+def test_html_report_of_20k_events_shows_all_of_them_in_numbers(run_dir, tmp_path):
+    """20k events at 10k steps: the page lists 20 findings and says how many more there are, counts
+    every one in the rules table, and says how the loss plot drew the lines it could not draw one by
+    one. (How long it takes: benchmarks/report_speed.py; tests assert no times.)"""
+    from gradwatch.report.marks import MAX_MARKS
+
+    findings, actions = _many_events(run_dir, tmp_path / "run", 20_000)
+    assert main(["report", str(tmp_path / "run"), "--html", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    listed = re.search(r"<h2>Findings \((\d+), first 20\)</h2><ol>(.*?)</ol>", page, re.S)
+    assert listed and int(listed[1]) == len(findings) and listed[2].count("<li>") == 20
+    assert f"{len(findings) - 20} more findings" in page
+    counts = dict(re.findall(r"<tr><td>(\w+)</td><td>\w+</td><td>\d+</td><td>(\d+)</td>", page))
+    assert {r: int(c) for r, c in counts.items()} == Counter(f["rule"] for f in findings)
+    steps = {f["step"] for f in findings}
+    lines, triangles = (
+        r"(\d+) findings at (\d+) steps: drawn as (\d+) lines",
+        r"(\d+) actions at (\d+) steps: drawn as (\d+) ",
+    )
+    note = re.search(lines + ".*?" + triangles, page)
+    assert note, page[:3000]
+    assert [int(x) for x in note.groups()[:2]] == [len(findings), len(steps)]
+    assert [int(x) for x in note.groups()[3:5]] == [len(actions), len({a["step"] for a in actions})]
+    assert 0 < int(note[3]) <= MAX_MARKS and 0 < int(note[6]) <= MAX_MARKS
+    images = re.findall(r'<img alt="[^"]+" src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 4 and all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
 
 
 def test_report_errors_say_what_to_pass(tmp_path, run_dir, capsys):

@@ -10,12 +10,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from gradwatch.findings import Action, Finding
-from gradwatch.sinks.summary import build_summary
 
 #: Per-layer / per-module tag families (present only when the run used ``per_layer=True``).
 LAYER_KINDS = ("grad_norm", "weight_norm", "update_ratio")
@@ -41,20 +41,25 @@ class Run:
     #: Lines of the events file that could not be read, each as ``"line N: why"``.
     skipped: list[str] = field(default_factory=list)
 
-    @property
+    # findings, actions and summary are built from ``events`` on first use, once: the report reads
+    # them several times, and a long run's file holds 100k events.
+    @cached_property
     def findings(self) -> list[Finding]:
         return [Finding.from_dict(e) for e in self.events if e["kind"] == "finding"]
 
-    @property
+    @cached_property
     def actions(self) -> list[Action]:
         return [Action.from_dict(e) for e in self.events if e["kind"] == "action"]
 
-    @property
+    @cached_property
     def summary(self) -> dict[str, Any]:
         """The run's own summary line; for a run that was killed (no summary), one built from its events."""
         written = [e for e in self.events if e["kind"] == "summary"]
         if written and all(k in written[-1] for k in SUMMARY_KEYS):
             return written[-1]
+        # here, not at the top: gradwatch.sinks imports torch (seconds), and only a killed run needs it
+        from gradwatch.sinks.summary import build_summary
+
         # the last step anything was written at (per-step rows are thinned; reads come every_n_steps)
         last = max((int(s[0][-1]) + 1 for s in self.scalars.values() if len(s[0])), default=0)
         epochs = max((f.epoch for f in self.findings), default=0) + 1
@@ -140,8 +145,17 @@ def read_events_tolerant(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The events file's readable lines, and ``"line N: why"`` for each one skipped: a half-written
     last line, a line that is not JSON or not UTF-8 (NUL bytes, a disk error), a finding or action
     that does not parse (an unknown severity, a missing field)."""
+    events, skipped, _, _ = _read_events(path)
+    return events, skipped
+
+
+def _read_events(path: str) -> tuple[list[dict[str, Any]], list[str], list[Finding], list[Action]]:
+    """:func:`read_events_tolerant`, and the findings and actions it parsed to check them (kept: each
+    line is parsed once)."""
     events: list[dict[str, Any]] = []
     skipped: list[str] = []
+    findings: list[Finding] = []
+    actions: list[Action] = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
@@ -152,10 +166,11 @@ def read_events_tolerant(path: str) -> tuple[list[dict[str, Any]], list[str]]:
                     raise UnicodeError("NUL bytes")
                 event = json.loads(text)
                 kind = event["kind"]
+                parsed: Finding | Action | None = None
                 if kind == "finding":
-                    Finding.from_dict(event)
+                    parsed = Finding.from_dict(event)
                 elif kind == "action":
-                    Action.from_dict(event)
+                    parsed = Action.from_dict(event)
             except UnicodeError as err:
                 skipped.append(f"line {n}: not text ({err.reason if hasattr(err, 'reason') else err})")
                 continue
@@ -166,7 +181,11 @@ def read_events_tolerant(path: str) -> tuple[list[dict[str, Any]], list[str]]:
                 skipped.append(f"line {n}: not a gradwatch event ({type(err).__name__}: {err})")
                 continue
             events.append(event)
-    return events, skipped
+            if isinstance(parsed, Finding):
+                findings.append(parsed)
+            elif parsed is not None:
+                actions.append(parsed)
+    return events, skipped, findings, actions
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> Run:
@@ -195,8 +214,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> Run:
             f"{run_dir} holds no gradwatch events file (gradwatch/events.jsonl) and no TensorBoard event "
             "files; pass the folder a HealthMonitor run wrote to (trainer.log_dir)"
         )
-    events, skipped = read_events_tolerant(events_path) if events_path else ([], [])
-    return Run(run_dir, events_path, events, tb_dirs, read_scalars(tb_dirs), skipped)
+    events, skipped, findings, actions = _read_events(events_path) if events_path else ([], [], [], [])
+    run = Run(run_dir, events_path, events, tb_dirs, read_scalars(tb_dirs), skipped)
+    run.findings, run.actions = findings, actions  # what the properties would build: parsed once
+    return run
 
 
 def finite(series: Series) -> Series:

@@ -9,6 +9,7 @@ import html
 from typing import Any
 
 from gradwatch.report.data import Run
+from gradwatch.report.marks import loss_marks
 from gradwatch.report.plots import (
     plot_activations,
     plot_grad_heatmap,
@@ -17,6 +18,9 @@ from gradwatch.report.plots import (
     plot_update_ratios,
 )
 from gradwatch.report.text import NO_PER_LAYER, fmt, statistics_rows, verdict_lines
+
+#: Findings listed with their advice; the page says how many more the run had.
+MAX_FINDINGS = 20
 
 
 def _img(b64: str, alt: str) -> str:
@@ -61,20 +65,24 @@ def render_html(run: Run) -> str:
             else "<p>none</p>"
         )
     )
-    if run.findings:
+    findings = run.findings
+    if findings:
+        shown = findings[:MAX_FINDINGS]
         items = "".join(
-            f"<li><b>{html.escape(str(f))}</b><br><i>advice:</i> {html.escape(f.advice)}</li>"
-            for f in run.findings[:20]
+            f"<li><b>{html.escape(str(f))}</b><br><i>advice:</i> {html.escape(f.advice)}</li>" for f in shown
         )
-        parts.append(f"<h2>Findings</h2><ol>{items}</ol>")
-    parts.append(
-        "<h2>Loss</h2>"
-        + (
-            _img(plot_loss(run), "loss with findings and actions")
-            if run.scalars
-            else "<p>no TensorBoard curves</p>"
+        more = len(findings) - len(shown)
+        head = f"Findings ({len(findings)}" + (f", first {len(shown)})" if more else ")")
+        tail = (
+            f"<p class='note'>{more} more findings in the events file; the rules table counts them all.</p>"
         )
-    )
+        parts.append(f"<h2>{head}</h2><ol>{items}</ol>" + (tail if more else ""))
+    if run.scalars:
+        marks = loss_marks(findings, run.actions)
+        note = f"<p class='note'>{html.escape(marks.note)}</p>" if marks.note else ""
+        parts.append("<h2>Loss</h2>" + _img(plot_loss(run, marks), "loss with findings and actions") + note)
+    else:
+        parts.append("<h2>Loss</h2><p>no TensorBoard curves</p>")
     if run.has_per_layer:
         parts.append(
             "<h2>Gradient norm per layer</h2>" + _img(plot_grad_heatmap(run), "gradient norm heatmap")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.report.data import Run, Series, finite
+from gradwatch.report.marks import SEVERITIES, LossMarks, loss_marks
 from gradwatch.report.text import HEALTHY_UPDATE_RATIO, TYPICAL_UPDATE_RATIO
 
 SEVERITY_COLOR = {"info": "#4c78a8", "warning": "#f58518", "critical": "#d62728"}
@@ -69,7 +70,8 @@ def _heatmap(
     ax.figure.colorbar(mesh, ax=ax, label=cbar, pad=0.01)
 
 
-def plot_loss(run: Run) -> str:
+def plot_loss(run: Run, marks: LossMarks | None = None) -> str:
+    """The loss curve, a line at each finding and a triangle at each action (``marks``: where)."""
     fig = _figure(3.6)
     ax = fig.add_subplot()
     train = run.scalars.get("gradwatch/loss/train")
@@ -90,36 +92,40 @@ def plot_loss(run: Run) -> str:
     val = run.scalars.get("gradwatch/loss/val")
     if val is not None:
         ax.plot(*finite(val), "o-", ms=3, color="#2ca02c", label="val loss")
-    seen: set[str] = set()
-    for f in run.findings:
-        sev = f.severity.value
-        ax.axvline(
-            f.step,
-            color=SEVERITY_COLOR[sev],
-            lw=1.2,
-            alpha=0.8,
-            label=None if sev in seen else f"{sev} finding",
-        )
-        seen.add(sev)
+    marks = marks or loss_marks(run.findings, run.actions)
+    for sev in SEVERITIES:  # one collection per severity (a line per finding step), the worst on top
+        if marks.lines.get(sev):
+            ax.vlines(
+                marks.lines[sev],
+                0,
+                1,
+                transform=ax.get_xaxis_transform(),
+                colors=SEVERITY_COLOR[sev.value],
+                lw=1.2,
+                alpha=0.8,
+                zorder=1,  # behind the loss curve
+                label=f"{sev.value} finding",
+            )
+    for step, rule, sev in marks.labels:
         ax.annotate(
-            f.rule,
-            (f.step, 1),
+            rule,
+            (step, 1),
             xycoords=("data", "axes fraction"),
             rotation=90,
             fontsize=7,
             va="top",
             ha="right",
-            color=SEVERITY_COLOR[sev],
+            color=SEVERITY_COLOR[sev.value],
         )
-    for i, a in enumerate(run.actions):
+    if marks.actions:
         ax.plot(
-            [a.step],
-            [0.04],
+            marks.actions,
+            np.full(len(marks.actions), 0.04),
             "^",
             ms=9,
             color=ACTION_COLOR,
             transform=ax.get_xaxis_transform(),
-            label=None if i else "action",
+            label="action",
         )
     ax.set_xlabel("step")
     ax.set_title("training loss, with findings (lines) and actions (triangles)", fontsize=10)
