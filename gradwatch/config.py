@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gradwatch.detectors import Detector, default_detectors
+from gradwatch.detectors.divergence import LOSS_KINDS
 from gradwatch.errors import ConfigError, check_positive_int, did_you_mean
 from gradwatch.remedies import Remedy, resolve_remedies
 from gradwatch.schedules import Schedule, as_schedule
@@ -52,6 +53,12 @@ OPTIONS_DOC = """\
         inputs: sample the input batch's range on probe steps.
         update_ratio: measure update/weight ratios on probe steps (copies the weights on those steps).
         detectors: the rules to run; default every implemented rule.
+        loss: what the training loss is. ``"minimize"`` (default): lower is better (cross-entropy, MSE; a
+            loss that goes negative is judged as signed from then on). ``"signed"``: lower is better but
+            the loss may be negative (a Gaussian or other negative log-likelihood): no ratio tests.
+            ``"surrogate"``: not a progress measure (policy-gradient and actor-critic losses, a GAN's
+            losses, many contrastive objectives): the loss-trend rules (divergence, loss_plateau,
+            loss_spike) are not run. Whatever the kind, no remedy acts on a loss trend alone.
         print_summary: log the one-screen summary when fit ends.
         snapshot_every: with ``rollback`` on, keep a healthy state in host memory every this many steps (at
             the first healthy read after). Default ``None``: every 20 steps at most, and never more often
@@ -113,6 +120,7 @@ class Config:
     inputs: bool = True
     update_ratio: bool = True
     detectors: Iterable[Detector] | None = None
+    loss: str = "minimize"
     print_summary: bool = True
     snapshot_every: int | None = None
     snapshots: int = 2
@@ -180,7 +188,15 @@ class Config:
             _check_writable(os.fspath(self.events_path))
         for name in ("per_layer", "activations", "inputs", "update_ratio", "print_summary"):
             _check_bool(name, getattr(self, name))
+        if self.loss not in LOSS_KINDS:
+            raise ConfigError(
+                f"loss must be one of {', '.join(map(repr, LOSS_KINDS))}, got {self.loss!r}."
+                f'{did_you_mean(str(self.loss), LOSS_KINDS)} Write loss="signed" for a negative '
+                'log-likelihood, loss="surrogate" for a policy-gradient or GAN loss, or leave it out.'
+            )
         derived(self, "detector_list", self._resolve_detectors())
+        for detector in self.detector_list:
+            detector.loss_kind = self.loss  # the rules that read the loss's trend judge by it
         if self.snapshot_every is not None:
             check_positive_int("snapshot_every", self.snapshot_every, 20)
         check_positive_int("snapshots", self.snapshots, 2)

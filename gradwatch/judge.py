@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from gradwatch.detectors import Detector
 from gradwatch.findings import Finding
@@ -20,7 +21,9 @@ class Judge:
     """``validation_rules()``: the rules judged at once at each validation (none without early stopping)."""
 
     def __init__(self, detectors: list[Detector], validation_rules: Callable[[], tuple[str, ...]]) -> None:
-        self.detectors = detectors
+        self.all = detectors
+        #: the rules that judge this run's loss kind (``loss="surrogate"`` leaves out the loss-trend rules)
+        self.detectors = [d for d in detectors if d.loss_kind in d.loss_kinds]
         self.validation_rules = validation_rules
         self._val_judged = False  # the validation the next read carries was judged at once already
 
@@ -29,6 +32,20 @@ class Judge:
         for detector in self.detectors:
             detector.new_run()
         self._val_judged = False
+
+    def rewind(self, states: dict[str, Any], rules: tuple[str, ...]) -> None:
+        """A rollback restored an older state: the rules in ``rules`` go back with it to ``states`` (their
+        state when that snapshot was taken, by class name), or forget everything where none was kept.
+        Their baselines and episodes described the discarded steps: a best loss from past the snapshot
+        misjudged the restored run as diverging and rolled it back again."""
+        for detector in self.detectors:
+            if detector.rule not in rules:
+                continue
+            saved = states.get(type(detector).__name__)
+            if saved is None:
+                detector.new_run()
+            else:
+                detector.load_state_dict(saved)
 
     def read(self, stats: Stats) -> list[Finding]:
         """Every rule on this read."""

@@ -31,6 +31,10 @@ class Detector:
     rule: ClassVar[str] = ""
     state_fields: ClassVar[tuple[str, ...]] = ()
     advice: ClassVar[str] = ""
+    #: The ``loss=`` kinds this rule judges (rules that read the training loss's trend leave out
+    #: ``"surrogate"``: such a loss is not a progress measure). The monitor sets :attr:`loss_kind`.
+    loss_kinds: ClassVar[tuple[str, ...]] = ("minimize", "signed", "surrogate")
+    loss_kind: str = "minimize"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

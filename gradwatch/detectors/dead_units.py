@@ -21,7 +21,9 @@ class DeadUnits(Detector):
     as ``act@fc1``, ``act@fc2``, ...: the Linear/Conv that fed each call, seen in the forward pass.
 
     Fires when the fraction exceeds ``threshold`` (0.5; SageMaker Debugger: units inactive in > 50% of
-    a layer) on ``persist`` (2) consecutive checks — a dead unit stays dead, a sleepy one does not.
+    a layer) on ``persist`` (2) consecutive checks — a dead unit stays dead, a sleepy one does not —
+    or at once when every unit of the layer is dead (its weights get no gradient at all: a bias
+    initialized far below zero is caught at step 0, before training spends steps on a dead layer).
     Severity: warning; critical when ``>= 0.95`` of the layer is dead. Evidence: dead_unit_frac, zero_frac.
     Source for the score: ReDo (Sokar et al., 2023) calls a unit dormant below 0.025 of the layer mean.
     """
@@ -57,7 +59,7 @@ class DeadUnits(Detector):
                 out += self.resolve(name, step, stats.epoch, name, f"{name}: dead units down to {frac:.0%}")
                 continue
             self.streaks[name] = streak = self.streaks.get(name, 0) + 1
-            if streak >= self.persist:
+            if streak >= self.persist or frac >= 1.0:  # every unit dead: no gradient can revive them
                 severity = Severity.CRITICAL if frac >= 0.95 else Severity.WARNING
                 message = f"{frac:.0%} of {name}'s units are active on fewer than 1% of samples (zeros overall: {a.zero_frac:.0%})"
                 evidence = {"dead_unit_frac": frac, "zero_frac": a.zero_frac, "checks": float(streak)}

@@ -15,8 +15,11 @@ class ExplodingGradients(Detector):
 
     Formula: ``G`` = EMA (alpha 0.9) of ``log g``, ``G_min`` its minimum after ``warmup_steps``;
     ``L`` = EMA (alpha 0.9) of the loss, ``L_best`` its minimum. Fires when, for ``patience``
-    consecutive steps, ``exp(G - G_min) >= growth`` (10x) and the loss is not improving
-    (``L >= L_best * 1.2``), or ``exp(G - G_min) >= 100 * growth`` whatever the loss does.
+    consecutive steps, ``exp(G - G_min) >= growth`` (10x) and the loss is getting worse, or
+    ``exp(G - G_min) >= 100 * growth`` whatever the loss does. *Worse*: ``L >= 1.2 * L_best`` for a
+    positive loss that is minimized; for a signed one (``loss="signed"``, or once ``L_best <= 0``: a ratio
+    means nothing below zero) ``L - L_best >= 0.2 * (L_0 - L_best)``, a fifth of the progress lost
+    (``L_0``: ``L`` after the warm-up); with ``loss="surrogate"`` never (only the 1000x rule fires).
     A healthy run's gradient norm can grow 10x as it learns; with the loss falling that is not an
     explosion. Non-finite steps are the ``nonfinite`` rule's and are skipped here.
 
@@ -24,7 +27,7 @@ class ExplodingGradients(Detector):
     """
 
     rule = "exploding_gradients"
-    state_fields = ("g", "loss", "g_min", "loss_best", "streak")
+    state_fields = ("g", "loss", "g_min", "loss_best", "streak", "loss_initial")
     advice = (
         "Gradients have been growing by orders of magnitude while the loss gets worse: the learning rate "
         "is too high for the current curvature, or the model is unstable (deep plain stacks, recurrent "
@@ -41,7 +44,17 @@ class ExplodingGradients(Detector):
         self.g, self.loss = EMA(0.9), EMA(0.9)
         self.g_min = math.inf
         self.loss_best = math.inf
+        self.loss_initial = math.nan
         self.streak = 0
+
+    def _worse(self) -> bool:
+        """Whether the loss's trend is getting worse (see the class docstring)."""
+        L, best = self.loss.mean, self.loss_best
+        if self.loss.n == 0 or best == math.inf or self.loss_kind == "surrogate":
+            return False
+        if self.loss_kind == "minimize" and best > 0:
+            return L >= 1.2 * best
+        return self.loss_initial > best and L - best >= 0.2 * (self.loss_initial - best)
 
     def check(self, step: int, stats: Stats) -> list[Finding]:
         out: list[Finding] = []
@@ -55,8 +68,10 @@ class ExplodingGradients(Detector):
                 continue
             self.g_min = min(self.g_min, self.g.mean)
             self.loss_best = min(self.loss_best, self.loss.mean) if self.loss.n else self.loss_best
+            if math.isnan(self.loss_initial) and self.loss.n:
+                self.loss_initial = self.loss.mean
             growth = math.exp(self.g.mean - self.g_min)
-            worse = self.loss.n > 0 and self.loss.mean >= 1.2 * self.loss_best and self.loss_best < math.inf
+            worse = self._worse()
             if (growth >= self.growth and worse) or growth >= 100 * self.growth:
                 self.streak += 1
             else:

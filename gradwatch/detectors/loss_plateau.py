@@ -17,12 +17,14 @@ class LossPlateau(Detector):
     (1%); fires after ``patience`` (200) steps without one. Like ``ReduceLROnPlateau``'s relative
     threshold mode, on the training loss and in steps.
 
-    Severity: ``warning`` when the loss is still near where it started (``L >= 0.9 * L_0``: the model is
+    Severity: ``warning`` when the loss is still near where it started (``L >= L_0 - 0.1 |L_0|``: the model is
     not learning at all — learning rate far too low, dead network, frozen weights); ``info`` otherwise
-    (converged: decay the learning rate or stop). Evidence: loss, loss_best, loss_initial, steps.
+    (converged: decay the learning rate or stop). Evidence: loss, loss_best, loss_initial, steps. Not run
+    with ``loss="surrogate"`` (a policy-gradient or GAN loss need not improve on a healthy run).
     """
 
     rule = "loss_plateau"
+    loss_kinds = ("minimize", "signed")
     state_fields = ("loss", "best", "initial", "since")
     advice = (
         "The loss has stopped improving. If it is stuck near its starting value the model is not learning: "
@@ -63,7 +65,7 @@ class LossPlateau(Detector):
                 continue
             self.since += 1
             if self.since >= self.patience:
-                stuck = L >= 0.9 * self.initial
+                stuck = L >= self.initial - 0.1 * abs(self.initial)  # signed losses too
                 severity = Severity.WARNING if stuck else Severity.INFO
                 evidence = {
                     "loss": L,

@@ -10,7 +10,8 @@ class LossSpike(SpikeDetector):
     """A single step whose training loss is far above its running baseline.
 
     Formula: as ``gradient_spike`` on ``log(loss)``: ``z >= 5`` and ``loss >= 2 * exp(m)`` (MosaicML's
-    2x rule for loss spikes), EMA alpha 0.97, 25 warm-up steps. Losses <= 0 are skipped. The standard
+    2x rule for loss spikes), EMA alpha 0.97, 25 warm-up steps. Losses <= 0 are skipped; with
+    ``loss="signed"`` or ``"surrogate"`` the rule is not run. The standard
     deviation is estimated from step-to-step differences (``scale="diff"``): a steadily falling loss
     does not inflate it, so spikes stand out early in training too.
 
@@ -18,6 +19,7 @@ class LossSpike(SpikeDetector):
     """
 
     rule = "loss_spike"
+    loss_kinds = ("minimize",)  # log-scale outliers mean nothing for a loss that crosses zero
     what = "training loss"
     advice = (
         "One batch's loss was far above the running level: a corrupted or mislabeled batch, an outlier, "
