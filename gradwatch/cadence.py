@@ -26,13 +26,15 @@ class Cadence:
         self.schedule = schedule
         self.every_step = every_step
         self.probe_every = probe_every
+        #: The step of the last probe (in checkpoints: a resumed run keeps the probe cadence).
+        self.last_probe: int | None = None
         self.reset()
 
     def reset(self) -> None:
-        """A new fit (or the end of one): nothing remembered."""
+        """The end of a fit, or a new one: no step's answer remembered (:attr:`last_probe` stays: a new
+        fit's :func:`gradwatch.state.fresh` clears it, a resume loads it)."""
         self._scheduled: tuple[int, bool] = (-1, False)  # (step, the schedule's answer)
         self._probed: tuple[int, bool] = (-1, False)  # (step, decision)
-        self._last_probe: int | None = None
         #: measure="scheduled": True while a batch, or an optimizer step, is passed over (not measured).
         self.passing = False
         self._passed: tuple[int, int] | None = None  # (step, epoch) of the optimizer step passed over
@@ -51,11 +53,11 @@ class Cadence:
             due = self.scheduled(step) and (
                 every is None
                 or step < DENSE_PROBE_STEPS
-                or self._last_probe is None
-                or step - self._last_probe >= every
+                or self.last_probe is None
+                or step - self.last_probe >= every
             )
             if due:
-                self._last_probe = step
+                self.last_probe = step
             self._probed = (step, due)
         return due
 

@@ -58,24 +58,23 @@ class Monitor:
         self.cadence = Cadence(cfg.schedule, cfg.every_step, cfg.probe_every_n_steps)
         self.events_path = cfg.events_file
         self.findings, self.actions = [], []  # every Finding and Action of the run, in order
-        #: The statistics of the latest host read (what the detectors last judged).
-        self.last_stats: Stats | None = None
+        self.last_stats: Stats | None = None  # the latest host read's (what the detectors last judged)
         self.sinks = SinkSet()
-        self.steps_seen, self.last_step, self.last_epoch = 0, -1, 0
-        self.summary_ranges = Ranges()
-        #: The training setup (precision, scaler, accumulation, ...), written in the summary under "setup".
-        self.setup: dict[str, Any] = {}
+        self.steps_seen, self.last_step, self.last_epoch, self.summary_ranges = 0, -1, 0, Ranges()
+        self.setup: dict[str, Any] = {}  # the training setup (precision, scaler, ...): the summary's "setup"
         snapshots = Snapshots.every(cfg.snapshot_every, keep=cfg.snapshots)
         self.remedy_ctx = RemedyContext(LRControl(), snapshots, BestWeights(), activity=self.unit_activity)
-        args = (self.remedies, self.remedy_ctx, self._publish, self.record_action, self._history)
-        self.responder = Responder(*args)
+        files = (self._publish, self.record_action, self._history, lambda: self.findings)
+        self.responder = Responder(self.remedies, self.remedy_ctx, *files)
         self.guard = StepGuard(self.remedies, self.responder, MAX_PENDING_ROWS)
         self.remedy_ctx.skipping = self.guard.skip is not None
         self.judge = Judge(self.detectors, self.responder.validation_rules)
+        self.responder.on_rewind = self.judge.rewind
         self.recorder = Recorder()
         self.probes: ProbeSet | None = None  # once bound to a model
-        self._val_loss: float | None = None  # the last validation's, until a read carries it
+        self.pending_val_loss: float | None = None  # the last validation's, until a read carries it
         self._resumed = False  # load_state_dict ran: the next bind continues that run
+        self._snapshot_at_start = False  # resumed: the first batch's (restored) state is kept for rollback
         self.deferred: list[Finding] = []  # judged while a checkpoint was written: answered at the next read
 
     def __getattr__(self, name: str) -> Any:  # the options, as read-only attributes: monitor.per_layer, ...
@@ -117,8 +116,7 @@ class Monitor:
         self.events_path = meta.get("events_path") or self.events_path
         self.setup = dict(meta.get("setup") or {})
         if not self._resumed:  # a new run: nothing of an earlier fit's state may be restored into it
-            self.responder.new_run()
-            self.judge.new_run()
+            state.fresh(self)
         self._resumed = False
         self.guard.bind(model)
         if context is not None:
@@ -153,6 +151,9 @@ class Monitor:
                 return  # measure="scheduled": nothing to prepare between the scheduled steps
         elif self.remedy_ctx.context is not None and not self.recorder.losses and self.recorder.open is None:
             self.guard.batch_start()  # the first batch of an optimizer step
+        if self._snapshot_at_start:  # checkpoint and optimizer state are restored by the first batch
+            self._snapshot_at_start = False
+            self.responder.snapshot(step)
         if self.probes is not None and self.cadence.probing(step):
             self.probes.start(step, batch)
 
@@ -213,7 +214,7 @@ class Monitor:
         or on its own), else at the next read."""
         if val_loss is None:
             return
-        self._val_loss = val_loss
+        self.pending_val_loss = val_loss
         self.judge.new_validation()
         self.sinks.validation(step, val_loss)
         if not self.responder.validation_rules():
@@ -239,7 +240,7 @@ class Monitor:
         if not self.recorder.rows:
             return []
         rows, grad_layers = self.recorder.take()
-        val_loss, self._val_loss = self._val_loss, None
+        val_loss, self.pending_val_loss = self.pending_val_loss, None
         last = rows[-1]
         clipping, scheduled = self.guard.clip is not None, self.cadence.scheduled(last.step)
         out = read(rows, grad_layers, self.probes, scheduled, clipping, val_loss, across_ranks)
@@ -281,9 +282,7 @@ class Monitor:
             self.flush(across_ranks=status == "finished", escalate=False)
             self.sinks.close_curves()  # the last read and the run's last step close the curves
         except Exception as err:  # a failed run (a CUDA error, say) may not give its tensors back
-            log.warning(
-                "gradwatch: could not read the last %s step(s) back after the failure: %s", status, err
-            )
+            log.warning("gradwatch: could not read the last %s step(s) back after a failure: %s", status, err)
         self.unbind()
         summary = run_summary(self, status)
         self.sinks.summary(summary)
@@ -297,4 +296,4 @@ class Monitor:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         state.load(self, saved)
-        self._resumed = True
+        self._resumed = self._snapshot_at_start = True

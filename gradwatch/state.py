@@ -3,8 +3,9 @@
 Keys (``STATE_VERSION`` 1, unchanged by the core's rewrite, so older checkpoints load): ``detectors`` (by
 class name), ``remedies`` (by id), ``findings``, ``actions``, ``steps_seen``, ``last_step``,
 ``last_epoch``, ``ranges``, ``lr`` (the multiplier), ``best_val_loss``, ``best_step``, ``deferred``
-(findings judged while a checkpoint was written, answered at the next read). Fields missing from an
-older checkpoint load with their defaults.
+(findings judged while a checkpoint was written, answered at the next read), ``val_loss`` (a validation
+loss not yet judged), ``last_probe`` (the step of the last heavy probe). Fields missing from an older
+checkpoint load with their defaults. :func:`fresh` is the state of a new fit.
 """
 
 from __future__ import annotations
@@ -36,7 +37,22 @@ def save(monitor: Any) -> dict[str, Any]:
         "best_val_loss": monitor.best.loss,
         "best_step": monitor.best.step,
         "deferred": [f.to_dict() for f in monitor.deferred],
+        "val_loss": monitor.pending_val_loss,
+        "last_probe": monitor.cadence.last_probe,
     }
+
+
+def fresh(monitor: Any) -> None:
+    """A new fit without a checkpoint: nothing of an earlier fit on this monitor carries over (k-fold and
+    seed loops reuse one): no LR multiplier, findings, actions, spent budgets, snapshots or baselines."""
+    monitor.responder.new_run()
+    monitor.judge.new_run()
+    monitor.lr.new_run()
+    monitor.findings, monitor.actions, monitor.deferred = [], [], []
+    monitor.steps_seen, monitor.last_step, monitor.last_epoch = 0, -1, 0
+    monitor.summary_ranges = Ranges()
+    monitor.pending_val_loss = None
+    monitor.cadence.last_probe = None
 
 
 def load(monitor: Any, state: dict[str, Any]) -> None:
@@ -63,3 +79,5 @@ def load(monitor: Any, state: dict[str, Any]) -> None:
     monitor.best.loss = float(state.get("best_val_loss", math.inf))
     monitor.best.step = int(state.get("best_step", -1))
     monitor.deferred = [Finding.from_dict(f) for f in state.get("deferred", [])]
+    monitor.pending_val_loss = state.get("val_loss")
+    monitor.cadence.last_probe = state.get("last_probe")

@@ -200,7 +200,7 @@ def test_rollback_restores_exactly(tmp_path, loaders):
         every_n_steps=5,
         snapshot_every=20,
         remedies=[Rollback(divergence_lr_factor=1.0, margin=10)],
-        detectors=[FireAt("divergence", {45})],
+        detectors=[FireAt("divergence", {45}, grad_ratio=3.0)],  # gradients rose with the loss
     )
     trainer(tmp_path, [mon, Capture()], max_steps=50, max_epochs=-1, logger=False).fit(Sched(), loaders[0])
     (action,) = mon.actions
@@ -210,7 +210,8 @@ def test_rollback_restores_exactly(tmp_path, loaders):
     )  # 40 is within the margin of 45
     assert_same(kept[20]["model"], kept["after"]["model"])
     assert_same(kept[20]["optimizer"], kept["after"]["optimizer"])
-    assert_same(kept[20]["sched"], kept["after"]["sched"])
+    # the schedule is not rewound: it follows the optimizer steps the run took (46 by then)
+    assert kept["after"]["sched"]["last_epoch"] == 46
     assert mon.monitor.snapshots.peak_bytes > 0
 
 

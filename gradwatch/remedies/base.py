@@ -62,8 +62,8 @@ class Remedy:
         return action
 
     def new_run(self) -> None:
-        """A new fit (not a resume): forget step-based state; the budget stays spent for this monitor."""
-        self.last_step = None
+        """A new fit (not a resume): a fresh budget, no cooldown (k-fold and seed loops reuse a monitor)."""
+        self.last_step, self.used = None, 0
 
     @property
     def spent(self) -> bool:

@@ -79,3 +79,10 @@ class EarlyStop(Remedy):
     def new_run(self) -> None:
         super().new_run()
         self.stopped = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.stopped = bool(state.get("stopped", self.stopped))

@@ -74,10 +74,9 @@ class LRControl:
         self.multiplier *= factor
         self._set(self.multiplier)
 
-    def restored(self, applied: float) -> None:
-        """The optimizers were just loaded from a state whose learning rates include ``applied``."""
-        self.applied = applied
-        self._set(self.multiplier)
+    def new_run(self) -> None:
+        """A new fit (not a resume): its fresh optimizers start at the schedule's own learning rate."""
+        self.multiplier, self._loaded = 1.0, False
 
     def state(self) -> dict[str, float]:
         return {"multiplier": self.multiplier, "applied": self.applied}

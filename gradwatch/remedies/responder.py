@@ -9,6 +9,7 @@ finding that says what was tried. After each read it also runs the snapshot poli
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 from gradwatch.findings import Action, Finding
@@ -37,6 +38,40 @@ LADDER: dict[str, tuple[str, ...]] = {
 #: Rules whose findings a rollback makes moot: they describe the state it just discarded.
 ROLLED_BACK_PAST = ("exploding_gradients", "divergence", "update_ratio", "gradient_spike", "loss_spike")
 
+#: Rules whose history a rollback rewinds to the restored snapshot's: they judge the run's progress (a best
+#: loss, a minimum gradient trend) and the discarded steps' part of it would misjudge the restored run.
+#: The spike rules keep their running baselines: a scale estimate that stays true of the restored state
+#: (and rewinding it would blind them for a warm-up right when a run is fragile).
+REWOUND = ("divergence", "loss_plateau", "exploding_gradients")
+
+#: How much the gradient norms must have risen with the loss for a divergence to move a remedy.
+GRAD_RISE = 2.0
+
+#: Findings that are gradient evidence for a divergence that came with (or after) them.
+GRADIENT_RULES = ("gradient_spike", "exploding_gradients", "nonfinite")
+
+
+def trend_only(finding: Finding, findings: list[Finding]) -> bool:
+    """A loss-trend finding with no gradient evidence behind it: no remedy acts on it. A loss that rises
+    on its own may be noise, a signed or non-progress loss, or a schedule; rolling back or cutting the LR
+    on it made healthy runs end worse. A divergence is a real one when its gradient norms rose
+    ``GRAD_RISE`` x with it, or when a gradient rule (a spike, an explosion, a non-finite step) warned
+    since the loss was at its best: a learning rate too high shows in the gradients, if only as the
+    spike that killed the units (``findings``: the run's findings so far, newest last). Since the best:
+    from the first step of the window whose median was the best (the median lags the rise)."""
+    if finding.rule != "divergence":
+        return False
+    if finding.evidence.get("grad_ratio", math.nan) >= GRAD_RISE:
+        return False
+    since = finding.evidence.get("best_from_step", finding.step)
+    for earlier in reversed(findings):
+        if earlier.step < since:
+            break
+        if earlier.rule in GRADIENT_RULES and earlier.severity != "info":
+            return False
+    return True
+
+
 Publish = Callable[[list[Finding]], None]
 Record = Callable[[Action], None]
 
@@ -50,6 +85,7 @@ class Responder:
         publish: files a finding the responder raises itself (a give-up, an escalation).
         record: files an action.
         history: every action so far (recorded and pending), for a give-up to say what was tried.
+        findings: every finding so far, for the evidence a loss-trend finding needs (:func:`trend_only`).
     """
 
     def __init__(
@@ -59,14 +95,19 @@ class Responder:
         publish: Publish,
         record: Record,
         history: Callable[[], list[Action]],
+        findings: Callable[[], list[Finding]] = list,
     ) -> None:
         self.remedies = remedies
+        self.findings = findings
         self.ctx = ctx
         self.publish, self.record, self.history = publish, record, history
         self.rollback = next((r for r in remedies if isinstance(r, Rollback)), None)
         self.early_stop = next((r for r in remedies if isinstance(r, EarlyStop)), None)
         self.snapshot_policy = SnapshotPolicy(ctx.snapshots) if self.rollback is not None else None
         self._warned_manual: set[str] = set()
+        #: Called after each rollback with the restored snapshot's rule states and :data:`REWOUND` (the
+        #: monitor wires the judge's ``rewind``).
+        self.on_rewind: Callable[[dict, tuple[str, ...]], None] = lambda states, rules: None
 
     def new_run(self) -> None:
         """A new fit (not a resume): no snapshot or best weights of another run, no step-based state."""
@@ -94,6 +135,8 @@ class Responder:
         for finding in findings:
             if finding.severity == "info" or (rolled_back and finding.rule in moot):
                 continue  # a rollback in this read already went back past what these findings saw
+            if trend_only(finding, self.findings()):
+                continue
             order = LADDER.get(finding.rule, ())
             answering = sorted(
                 (r for r in self.remedies if finding.rule in r.answers),
@@ -110,7 +153,9 @@ class Responder:
                 if action is not None:
                     self.record(action)
                     acted = True
-                    rolled_back = rolled_back or action.remedy == "rollback"
+                    if action.remedy == "rollback":
+                        rolled_back = True
+                        self._rewind()
                     break
             spent = answering and all(r.spent for r in answering)
             if not acted and spent and finding.severity == "critical":
@@ -131,6 +176,7 @@ class Responder:
             if action is not None:
                 self.publish([finding])
                 record(action)
+                self._rewind()
                 return True
         self.give_up(finding, record)
         return False
@@ -146,10 +192,22 @@ class Responder:
             self.publish([out[0]])
             record(out[1])
 
+    def snapshot(self, step: int) -> bool:
+        """Keep the current state for rollback now (a resumed run's restored state: without it a NaN burst
+        before the first healthy read had nothing to go back to). Returns whether one was taken."""
+        if self.snapshot_policy is None or self.ctx.context is None:
+            return False
+        self.snapshot_policy.snapshots.take(step, self.ctx.context)
+        return True
+
     def after_read(self, step: int, new: list[Finding], detectors: list, stats: object) -> None:
         """The snapshot policy's turn, once the read's findings are answered."""
         if self.snapshot_policy is not None:
             self.snapshot_policy.after_read(step, new, detectors, stats, self.ctx)
+
+    def _rewind(self) -> None:
+        ring = self.ctx.snapshots.ring  # the restored snapshot is the newest left
+        self.on_rewind(ring[-1].detectors if ring else {}, REWOUND)
 
     def _warn_manual(self, remedy: str) -> None:
         if remedy not in self._warned_manual:

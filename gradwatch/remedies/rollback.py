@@ -16,20 +16,27 @@ def _nonfinite(step: int, epoch: int, message: str, evidence: dict[str, float], 
 
 
 class Rollback(Remedy):
-    """Load the newest healthy snapshot (model, optimizers, schedulers, scaler), then multiply the LR by
+    """Load the newest healthy snapshot (model, optimizer state, scaler), then multiply the LR by
     ``lr_factor`` (0.5) after non-finite failures, or by ``divergence_lr_factor`` (0.1) after a
     divergence — the practitioner's "restart from the last good checkpoint with a 10x lower LR" — or by
-    more, down to the learning rate the snapshot was taken with, when a schedule has raised it since
-    (the schedule resumes from the snapshot, so the step that raised it comes again, lower).
+    more, down to the learning rate the snapshot was taken with, when a schedule has raised it since.
+    The LR schedulers are not rewound and the optimizers keep their live learning rates: the schedule
+    follows the steps the run has taken, and the user's own LR changes stay.
 
-    Snapshots are taken (:class:`~gradwatch.remedies.snapshots.SnapshotPolicy`) on reads with no unstable finding and no open unstable episode,
-    every ``snapshot_every`` steps (default: every 20 at most, and no more often than keeps the copying
-    under 1% of the training time), copied to host memory, ``keep`` (2) of them; their size is in
-    the summary. Answers non-finite *weights* (the model is corrupted), repeated non-finite steps (after
-    ``skip_step`` skipped ``max_consecutive`` in a row), non-finite steps that ``skip_step``'s deferred
-    decision let through (to the newest snapshot taken before the first of them, the learning rate
-    unchanged) and ``divergence``. Otherwise the snapshot used is the newest one taken at least
-    ``margin`` (20) steps before the finding's step, so a state already drifting is not restored.
+    Snapshots are taken (:class:`~gradwatch.remedies.snapshots.SnapshotPolicy`) after reads whose own
+    steps were healthy (no unstable finding raised by the read, none open at critical, everything read
+    finite), every ``snapshot_every`` steps (default: every 20 at most, no more often than keeps the
+    copying under 1% of the training time, and never more than 200 steps or 5% of the run apart, so a
+    rollback loses a bounded amount of progress), copied to host memory, ``keep`` (2) of them; their
+    size is in the summary. A resumed run keeps its restored state at its first batch. Answers
+    non-finite *weights* (the model is corrupted), repeated non-finite steps (after ``skip_step``
+    skipped ``max_consecutive`` in a row), non-finite steps that ``skip_step``'s deferred decision let
+    through (to the newest snapshot taken before the first of them, the learning rate unchanged) and a
+    ``divergence`` whose gradient norms rose with the loss (a loss rise alone is never enough: it may be
+    noise, a signed or non-progress loss). Otherwise the snapshot used is the newest one taken at least
+    ``margin`` (20) steps before the finding's step, so a state already drifting is not restored. The
+    progress-judging rules (divergence, loss_plateau, exploding_gradients) go back to their state at
+    that snapshot.
     Gradients are cleared after the restore.
     """
 
@@ -70,8 +77,7 @@ class Rollback(Remedy):
         while len(snaps.ring) > 1 and snaps.ring[-1].step > finding.step - margin:
             snaps.ring.pop()
         before = first_lr(ctx)
-        snap = snaps.restore(training)
-        ctx.lr.restored(snap.lr_applied)  # the restored optimizers hold the multiplier of that time
+        snap = snaps.restore(training)  # the optimizers keep their live learning rates (and multiplier)
         for p in training.model.parameters():
             p.grad = None  # nothing of the bad step leaks into the next one
         factor = 1.0 if keep_lr else self.lr_factor

@@ -33,12 +33,13 @@ class SkipStep(Remedy):
       norms. Non-finite gradients that reached the weights are answered there by ``rollback`` to the
       newest snapshot taken before that step, with the learning rate unchanged (one bad batch says
       nothing about it). Snapshots are only taken after reads that saw no non-finite value, so the
-      restored state is clean. While no rollback could undo a step (no snapshot yet: a run's first steps,
-      or the first window after a resume, whose checkpoint holds no snapshot; rollback's budget spent or
-      in its cooldown) the step is decided as with ``mode="exact"``.
+      restored state is clean. While no rollback could undo a step (no snapshot yet: a run's first steps;
+      rollback's budget spent or in its cooldown) the step is decided as with ``mode="exact"``. A resumed
+      run keeps its restored state as a snapshot at its first batch.
       **The most progress lost** is the steps back to that snapshot: ``every_n_steps`` (20) plus the
       time between snapshots (every 20 steps at most by default; larger models snapshot less often,
-      under a 1% time budget; ``snapshot_every=N`` sets it). A run that has let a non-finite step
+      under a 1% time budget, but never more than 200 steps or 5% of the run apart; ``snapshot_every=N``
+      sets it). A run that has let a non-finite step
       through is one that makes them: from then on its steps are decided as with ``mode="exact"``. Needs
       ``rollback`` among the remedies; without it, skip_step acts as ``mode="exact"``.
 

@@ -22,6 +22,13 @@ from gradwatch.remedies.context import Context
 #: With the default ``snapshot_every=None``: the most of the training time rollback snapshots may take.
 AUTO_SNAPSHOT_OVERHEAD = 0.01
 
+#: With the default, the time budget never lets the newest snapshot grow older than this many steps or
+#: :data:`MAX_GAP_FRACTION` of the steps so far, whichever is more: a rollback loses at most that much
+#: progress (plus the finding's ``Rollback.margin``). A snapshot this forces costs at most its copy time
+#: per gap, a share of the run that shrinks as the run grows.
+MAX_SNAPSHOT_GAP = 200
+MAX_GAP_FRACTION = 0.05
+
 
 def _to_host(obj: Any, reuse: Any = None) -> Any:
     """Deep copy of a state dict with every tensor on the CPU (a private copy, safe from in-place updates).
@@ -64,16 +71,17 @@ class Snapshot:
     step: int
     model: dict[str, Any]
     optimizers: list[dict[str, Any]]
-    schedulers: list[dict[str, Any]]
     scaler: dict[str, Any] | None
     nbytes: int = 0
     lr: float = float("nan")  # the learning rate the first param group stepped with at that time
-    lr_applied: float = 1.0  # the gradwatch multiplier included in the optimizers' learning rates
+    #: the rules' state (by detector class name) right after the read that took it, for a rollback to
+    #: rewind them with the weights; empty for a snapshot taken outside a read (at a resume)
+    detectors: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Snapshots:
-    """A ring of the last ``keep`` healthy states (model, optimizers, schedulers, scaler) in host memory.
+    """A ring of the last ``keep`` healthy states (model, optimizer state, scaler) in host memory.
 
     At most one every ``every_n_steps`` steps, and (unless ``max_overhead`` is ``None``) never more often
     than keeps the time spent copying under ``max_overhead`` of the training time: a snapshot that took
@@ -84,6 +92,7 @@ class Snapshots:
     keep: int = 2
     every_n_steps: int = 20
     max_overhead: float | None = 0.01
+    max_gap: int | None = None  # a snapshot this many steps old is replaced whatever the time budget
     ring: list[Snapshot] = field(default_factory=list)
     peak_bytes: int = 0
     last_seconds: float = 0.0
@@ -91,10 +100,13 @@ class Snapshots:
 
     @classmethod
     def every(cls, snapshot_every: int | None, keep: int = 2) -> Snapshots:
-        """``snapshot_every=N``: every N steps at most; ``None``: every 20 at most, and copying at most
-        :data:`AUTO_SNAPSHOT_OVERHEAD` of the training time."""
+        """``snapshot_every=N``: every N steps at most; ``None``: every 20 at most, copying at most
+        :data:`AUTO_SNAPSHOT_OVERHEAD` of the training time, and at least every :data:`MAX_SNAPSHOT_GAP`
+        steps or :data:`MAX_GAP_FRACTION` of the run so far, whichever is more."""
         if snapshot_every is None:
-            return cls(keep=keep, every_n_steps=20, max_overhead=AUTO_SNAPSHOT_OVERHEAD)
+            return cls(
+                keep=keep, every_n_steps=20, max_overhead=AUTO_SNAPSHOT_OVERHEAD, max_gap=MAX_SNAPSHOT_GAP
+            )
         return cls(keep=keep, every_n_steps=snapshot_every, max_overhead=None)
 
     def due(self, step: int, timed: bool = True) -> bool:
@@ -106,9 +118,12 @@ class Snapshots:
             return False
         if not timed or self.max_overhead is None:
             return True
+        gap = step - self.ring[-1].step
+        if self.max_gap is not None and gap >= max(self.max_gap, MAX_GAP_FRACTION * step):
+            return True  # bound the progress a rollback can lose
         return (time.perf_counter() - self._last_time) * self.max_overhead >= self.last_seconds
 
-    def take(self, step: int, ctx: Context, lr: float = float("nan"), lr_applied: float = 1.0) -> Snapshot:
+    def take(self, step: int, ctx: Context, lr: float = float("nan")) -> Snapshot:
         t0 = time.perf_counter()
         # the snapshot leaving the ring lends its host tensors to the new one; it leaves first, so that
         # a copy failing halfway never leaves a half-written snapshot in the ring
@@ -121,11 +136,10 @@ class Snapshots:
                 _to_host(o.state_dict(), old_opts[i] if i < len(old_opts) else None)
                 for i, o in enumerate(ctx.optimizers())
             ],
-            schedulers=[_to_host(s.state_dict()) for s in ctx.schedulers()],
             scaler=_to_host(ctx.scaler.state_dict()) if ctx.scaler is not None else None,
         )
         snap.nbytes = _nbytes([snap.model, snap.optimizers])
-        snap.lr, snap.lr_applied = lr, lr_applied
+        snap.lr = lr
         self.ring = [*self.ring[-(self.keep - 1) :], snap] if self.keep > 1 else [snap]
         self.peak_bytes = max(self.peak_bytes, sum(s.nbytes for s in self.ring))
         self._last_time = time.perf_counter()
@@ -133,15 +147,20 @@ class Snapshots:
         return snap
 
     def restore(self, ctx: Context) -> Snapshot | None:
-        """Load the newest snapshot into the live objects; ``None`` if there is none."""
+        """Load the newest snapshot into the live model, optimizer state and scaler; ``None`` if there is
+        none. The optimizers keep their live hyperparameters (learning rate, momentum, ...) and the LR
+        schedulers are not rewound: the schedule follows the optimizer steps the run has taken (a cosine
+        or OneCycle schedule still ends at its last step), and a learning rate the user changed by hand
+        since the snapshot stays changed."""
         if not self.ring:
             return None
         snap = self.ring[-1]
         ctx.model.load_state_dict(snap.model)
         for opt, state in zip(ctx.optimizers(), snap.optimizers, strict=False):
+            live = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
             opt.load_state_dict(copy.deepcopy(state))
-        for sched, state in zip(ctx.schedulers(), snap.schedulers, strict=False):
-            sched.load_state_dict(copy.deepcopy(state))
+            for group, hyper in zip(opt.param_groups, live, strict=False):
+                group.update(hyper)
         if ctx.scaler is not None and snap.scaler is not None:
             ctx.scaler.load_state_dict(snap.scaler)
         return snap
@@ -172,18 +191,21 @@ class BestWeights:
         return _nbytes(self.state) if self.state else 0
 
 
-#: Rules that mean the run is unstable: no rollback snapshot is taken while one is open.
+#: Rules that mean the run is unstable: no rollback snapshot is taken on a read that raised one, nor while
+#: one is open at critical.
 UNSTABLE = ("nonfinite", "gradient_spike", "loss_spike", "exploding_gradients", "divergence")
 
 
 def healthy(new: list[Finding], open_episodes: list[str], stats: Any) -> bool:
-    """Whether a read shows a state worth keeping for rollback: no sign of instability now, none still
-    open (``open_episodes``: the severities of the unstable rules' open episodes), no non-finite loss,
-    gradient or weight in what was read. Lasting conditions that a rollback would not cure (unnormalized
-    inputs, a plateau, dead units) do not count against it."""
+    """Whether a read shows a state worth keeping for rollback: its own steps are healthy. No sign of
+    instability raised by this read, no unstable episode open at critical (``open_episodes``: their
+    severities), no non-finite loss, gradient or weight in what was read. A warning that stays open (a
+    missing ``zero_grad``, raw logits into ``nll_loss``) does not stop snapshots: otherwise every rollback
+    of such a run went back to its random initial weights. Lasting conditions that a rollback would not
+    cure (unnormalized inputs, a plateau, dead units) do not count against it either."""
     if any(f.severity != "info" and f.rule in UNSTABLE for f in new):
         return False
-    if any(sev != "info" for sev in open_episodes):
+    if any(sev == "critical" for sev in open_episodes):
         return False
     if stats is None:
         return True
@@ -207,4 +229,5 @@ class SnapshotPolicy:
         if not healthy(new, episodes, stats):
             return
         lr = stats.steps[-1].lr if stats is not None and stats.steps else None
-        self.snapshots.take(step, training, lr if lr is not None else math.nan, ctx.lr.applied)
+        snap = self.snapshots.take(step, training, lr if lr is not None else math.nan)
+        snap.detectors = {type(d).__name__: d.state_dict() for d in detectors}

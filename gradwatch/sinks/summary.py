@@ -47,7 +47,17 @@ def run_summary(monitor: Any, status: str) -> dict[str, Any]:
         },
         lr_multiplier=monitor.lr.multiplier,
         setup=monitor.setup,
+        lr=_live_lr(monitor),
     )
+
+
+def _live_lr(monitor: Any) -> float | None:
+    """The learning rate the first param group steps with now: the schedule's, the user's own changes and
+    gradwatch's multiplier, all in (``None`` without optimizers)."""
+    context = monitor.context
+    opts = context.optimizers() if context is not None else []
+    lr = opts[0].param_groups[0].get("lr") if opts and opts[0].param_groups else None
+    return float(lr) if isinstance(lr, int | float) else None
 
 
 def build_summary(
@@ -63,11 +73,13 @@ def build_summary(
     memory: dict[str, Any] | None = None,
     lr_multiplier: float = 1.0,
     setup: dict[str, Any] | None = None,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """Group findings by rule (first step, count, worst severity, first layer) and actions by remedy.
 
     ``memory``: what remedies hold (snapshots, best weights); ``lr_multiplier``: gradwatch's LR multiplier,
-    written when it is not 1; ``setup``: the training setup (gradwatch.setups)."""
+    written when it is not 1; ``setup``: the training setup (gradwatch.setups); ``lr``: the learning rate
+    at the end, as the optimizer steps with it (the effective LR)."""
     rules: dict[str, dict[str, Any]] = {}
     for f in findings:
         row = rules.setdefault(
@@ -107,6 +119,8 @@ def build_summary(
         summary["memory"] = memory
     if lr_multiplier != 1.0:
         summary["lr_multiplier"] = lr_multiplier
+    if lr is not None:
+        summary["lr"] = lr
     if setup is not None:
         summary["setup"] = dict(setup)
     return summary
@@ -141,6 +155,9 @@ def render_summary(s: dict[str, Any]) -> str:
     else:
         mode = "remedies off" if not s["remedies"] else "remedies: " + ", ".join(s["remedies"])
         lines.append(f"  no action taken ({mode})")
+    if "lr" in s:
+        scaled = f" (gradwatch's multiplier {_fmt(s['lr_multiplier'])} in)" if "lr_multiplier" in s else ""
+        lines.append(f"  learning rate at the end: {_fmt(s['lr'])}{scaled}")
     for name, r in s["ranges"].items():
         lines.append("  " + name + ": " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items()))
     if s["events_path"]:

@@ -1,0 +1,216 @@
+"""Never make a run worse (issue 15): losses that are not "lower is better from a positive start", a NaN
+burst's bounded rollback (in one run and after a resume), a fresh fit on a reused monitor, the user's own
+LR changes and the LR schedule after a rollback. Real fits, real Trainer, the digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from models import DigitsMLP, digits_loaders, trainer
+from programs import GaussianNLL, Reinforce
+from test_remedies import FireAt
+from torch import nn
+
+import gradwatch
+from gradwatch.remedies.snapshots import MAX_SNAPSHOT_GAP
+from gradwatch.sinks.events import read_events
+
+LOSS_TREND = ("divergence", "loss_plateau", "loss_spike", "exploding_gradients")
+
+
+def warnings_of(monitor, rules=LOSS_TREND) -> list:
+    return [f for f in monitor.findings if f.severity != "info" and f.rule in rules]
+
+
+def moved(monitor) -> list:
+    """Actions that change the run's trajectory on loss evidence: rollbacks and LR cuts."""
+    return [a for a in monitor.actions if a.remedy in ("rollback", "reduce_lr")]
+
+
+# ------------------------------------------------------------------------ item 1: signed and surrogate losses
+def test_gaussian_nll_gets_no_loss_trend_warning_and_no_rollback(tmp_path):
+    """Its loss goes below zero: a ratio to the best (`m >= 2 * best`) is true of any value there, so it was
+    called divergence ~5 times with remedies off, and rolled back 3 times with "auto"."""
+    for remedies in ("off", "auto"):
+        pl.seed_everything(0)
+        model = GaussianNLL()
+        monitor = gradwatch.HealthMonitor(remedies=remedies, events_path=str(tmp_path / f"{remedies}.jsonl"))
+        trainer(tmp_path, [monitor], logger=False, max_epochs=20).fit(model)
+        assert model.metric() > 1.0  # trained: validation NLL well below zero
+        assert warnings_of(monitor) == [], [f.message for f in warnings_of(monitor)]
+        assert moved(monitor) == []
+
+
+def test_policy_gradient_is_never_rolled_back_and_surrogate_runs_no_loss_trend_rule(tmp_path):
+    """REINFORCE's loss is a signed, noisy surrogate: it was rolled back 4 times (greedy reward 0.33
+    against 0.92 without remedies). Undeclared it may draw a warning, never an action on it; declared
+    ``loss="surrogate"`` the loss-trend rules do not run."""
+    pl.seed_everything(0)
+    model = Reinforce()
+    monitor = gradwatch.HealthMonitor(events_path=str(tmp_path / "default.jsonl"))
+    trainer(tmp_path, [monitor], logger=False, max_epochs=10).fit(model)
+    assert moved(monitor) == [], [a.message for a in moved(monitor)]
+    assert model.metric() > 0.8
+    pl.seed_everything(0)
+    declared = gradwatch.HealthMonitor(loss="surrogate", events_path=str(tmp_path / "surrogate.jsonl"))
+    trainer(tmp_path, [declared], logger=False, max_epochs=10).fit(Reinforce())
+    assert warnings_of(declared, ("divergence", "loss_plateau", "loss_spike")) == []
+    assert moved(declared) == []
+
+
+# ------------------------------------------------------------------------ item 2: a NaN burst, bounded loss
+class FrozenTable(pl.LightningModule):
+    """Digits as tokens (position * 17 + pixel value) through a frozen embedding table of GloVe's size
+    (400k x 40, 64 MB), and a small trainable head: its state is large next to its step time, so the 1%
+    time budget alone allowed one snapshot in ~1000 steps. NaN batches at the steps in ``burst``."""
+
+    def __init__(self, burst: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.burst = burst
+        self.table = nn.Embedding(400_000, 40)
+        self.table.weight.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.register_buffer("offsets", torch.arange(64) * 17)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.offsets + (x * 16).round().long()
+        return self.head(self.table(tokens).sum(1) / 8)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        if self.global_step in self.burst:
+            logits = logits * math.nan
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
+
+
+def rollbacks(monitor) -> list:
+    return [a for a in monitor.actions if a.remedy == "rollback"]
+
+
+def test_nan_burst_mid_run_loses_at_most_the_bounded_progress(tmp_path):
+    """NaNs at steps 400-402 with the default settings: the rollback goes back at most
+    MAX_SNAPSHOT_GAP (+ the finding's own step) steps, not to step 0."""
+    pl.seed_everything(0)
+    monitor = gradwatch.HealthMonitor(events_path=str(tmp_path / "events.jsonl"))
+    train, _ = digits_loaders()
+    trainer(tmp_path, [monitor], logger=False, max_steps=460, max_epochs=-1).fit(
+        FrozenTable(burst=(400, 401, 402)), train
+    )
+    (rollback,) = rollbacks(monitor)
+    assert 400 - rollback.detail["restored_step"] <= MAX_SNAPSHOT_GAP
+    assert [f for f in monitor.findings if f.rule == "divergence"] == []  # the rewound steps are forgotten
+    assert not [a for a in monitor.actions if a.remedy == "early_stop"]
+
+
+def test_nan_burst_right_after_a_resume_rolls_back_to_the_resumed_state(tmp_path):
+    """A resumed run had no snapshot until its first healthy read: a burst before it early-stopped the
+    run ("remedies were spent"). The state restored at resume counts."""
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    first = gradwatch.HealthMonitor(events_path=str(tmp_path / "first.jsonl"))
+    t1 = trainer(tmp_path, [first], logger=False, max_steps=110, max_epochs=-1)
+    t1.fit(FrozenTable(), train)
+    ckpt = str(tmp_path / "mid.ckpt")
+    t1.save_checkpoint(ckpt)
+    resumed = gradwatch.HealthMonitor(events_path=str(tmp_path / "resumed.jsonl"))
+    model = FrozenTable(burst=(112, 113, 114))  # before the first read (120)
+    trainer(tmp_path, [resumed], logger=False, max_steps=160, max_epochs=-1).fit(model, train, ckpt_path=ckpt)
+    (rollback,) = rollbacks(resumed)
+    assert rollback.detail["restored_step"] >= 110
+    assert not [a for a in resumed.actions if a.remedy == "early_stop"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ item 3: fresh fits, saved state
+def test_a_second_fresh_fit_on_the_same_monitor_starts_fresh(tmp_path):
+    """k-fold or seed loops reuse one callback: the LR multiplier, findings and spent budgets of the first
+    fit carried into the second."""
+    monitor = gradwatch.HealthMonitor(
+        remedies=[gradwatch.remedies.ReduceLR(budget=1)],
+        detectors=[FireAt("exploding_gradients", {10})],
+        events_path=str(tmp_path / "events.jsonl"),
+    )
+    train, _ = digits_loaders()
+    seen = {}
+    for fold in (0, 1):
+        model = DigitsMLP(lr=0.1)
+        trainer(tmp_path, [monitor], logger=False, max_steps=30, max_epochs=-1).fit(model, train)
+        seen[fold] = (monitor.monitor.lr.multiplier, len(monitor.findings), len(monitor.actions))
+    assert seen[0] == (0.5, 1, 1)
+    assert seen[1] == (0.5, 1, 1)  # the fold got its own cut: a fresh budget, from a multiplier of 1
+
+
+def test_early_stop_pending_validation_and_probe_step_survive_a_checkpoint(tmp_path):
+    monitor = gradwatch.HealthMonitor(events_path=str(tmp_path / "events.jsonl"))
+    train, val = digits_loaders()
+    trainer(tmp_path, [monitor], logger=False, max_steps=45, max_epochs=-1, val_check_interval=20).fit(
+        DigitsMLP(), train, val
+    )
+    core = monitor.monitor
+    core.early_stop.stopped = True
+    core.pending_val_loss = 0.25
+    saved = monitor.state_dict()
+    again = gradwatch.HealthMonitor()
+    again.load_state_dict(saved)
+    assert again.monitor.early_stop.stopped is True
+    assert again.monitor.pending_val_loss == 0.25
+    assert again.monitor.cadence.last_probe == core.cadence.last_probe is not None
+
+
+# ------------------------------------------------------------------------ items 6, 7: the user's LR, schedules
+class HandLR(DigitsMLP):
+    """The word-language-model example's habit: divide the LR by 4 by hand (here at step 30)."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == 30:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] /= 4
+
+
+def test_the_users_own_lr_change_and_gradwatchs_multiplier_compose_through_a_rollback(tmp_path):
+    monitor = gradwatch.HealthMonitor(
+        every_n_steps=5,
+        snapshot_every=20,
+        remedies=["reduce_lr", "rollback"],
+        detectors=[FireAt("exploding_gradients", {40}), FireAt("divergence", {60}, grad_ratio=3.0)],
+        events_path=str(tmp_path / "events.jsonl"),
+    )
+    train, _ = digits_loaders()
+    model = HandLR(lr=0.1)
+    trainer(tmp_path, [monitor], logger=False, max_steps=70, max_epochs=-1).fit(model, train)
+    assert [a.remedy for a in monitor.actions] == ["reduce_lr", "rollback"]
+    assert monitor.actions[1].detail["restored_step"] <= 30  # a snapshot from before the user's change
+    expected = 0.1 / 4 * 0.5 * 0.1  # the user's /4, reduce_lr's 0.5, rollback's 0.1
+    assert math.isclose(model.trainer.optimizers[0].param_groups[0]["lr"], expected)
+    (summary,) = [e for e in read_events(tmp_path / "events.jsonl") if e["kind"] == "summary"]
+    assert math.isclose(summary["lr"], expected)  # the effective LR, in the summary
+
+
+def test_after_a_rollback_the_schedule_follows_the_steps_taken_and_finishes(tmp_path):
+    class Cosine(DigitsMLP):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=120)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    monitor = gradwatch.HealthMonitor(
+        every_n_steps=5,
+        snapshot_every=20,
+        remedies=[gradwatch.remedies.Rollback(divergence_lr_factor=1.0)],
+        detectors=[FireAt("divergence", {80}, grad_ratio=3.0)],
+        events_path=str(tmp_path / "events.jsonl"),
+    )
+    train, _ = digits_loaders()
+    model = Cosine()
+    trainer(tmp_path, [monitor], logger=False, max_steps=120, max_epochs=-1).fit(model, train)
+    assert [a.remedy for a in monitor.actions] == ["rollback"]
+    sched = model.trainer.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == 120  # not 120 - (80 - 60): the schedule ends where the run does
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] < 1e-3
