@@ -261,3 +261,61 @@ def test_sharded_norms_add_up_to_the_unsharded_value(tmp_path):
         assert res["grad_total"] == pytest.approx(res["ref_total"], rel=1e-5)
         assert res["local_only"] < res["ref_total"] * 0.99  # one shard alone would be wrong
         assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-5)
+
+
+def _sharded_clip_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch import nn
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from gradwatch.distributed import local
+        from gradwatch.monitor import Monitor
+        from gradwatch.remedies import Context
+
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        reduce_any = lambda d: bool(dist.all_reduce(t := torch.tensor(float(d))) or t.item() > 0)  # noqa: E731
+        ctx = Context(model=model, optimizers=lambda: [opt], reduce_any=reduce_any, world_size=2)
+        mon = Monitor(every_n_steps=5, activations=False, inputs=False)  # remedies="auto"
+        mon.bind(model, [], context=ctx)
+        gen = torch.Generator().manual_seed(2 + rank)  # each rank trains on its own batches
+        norms, factors = {}, []  # the global norms, as read (summed over the shards); per-step scaling
+        for step in range(40):
+            x = torch.randn(16, 8, generator=gen)
+            mon.batch_start(step, x)
+            opt.zero_grad()
+            loss = model(x).square().mean() * (40.0 if step == 30 else 1.0)  # a gradient spike at 30
+            loss.backward()
+            before = torch.linalg.vector_norm(torch.stack([local(p.grad).norm() for p in model.parameters()]))
+            mon.before_optimizer_step(step, 0, list(model.parameters()), 0.05)  # clips in place
+            after = torch.linalg.vector_norm(torch.stack([local(p.grad).norm() for p in model.parameters()]))
+            factors.append((after / before).item())  # what this rank's shard was scaled by
+            opt.step()
+            mon.batch_end(loss)
+            norms.update({r.step: r.grad_norm for r in mon.last_stats.steps} if mon.last_stats else {})
+        mon.finish()
+        clips = [a.detail for a in mon.actions if a.remedy == "clip_gradients"]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"clips": clips, "norms": norms, "factors": factors}, f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_sharded_clipping_uses_the_global_norm_on_every_rank(tmp_path):
+    """FSDP2 with remedies="auto" on 2 gloo processes: each rank clipped on its own shard's norm, so the
+    ranks scaled their shards by different amounts; the global norm clips every rank alike."""
+    mp.spawn(_sharded_clip_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["factors"] == pytest.approx(ranks[1]["factors"], rel=1e-6)  # every shard scaled alike
+    assert ranks[0]["factors"][30] < 0.5  # the spike was clipped
+    assert ranks[0]["clips"] == ranks[1]["clips"] != []
+    spike = next(c for c in ranks[0]["clips"] if 30 in c["steps"])
+    assert spike["factor"] == pytest.approx(ranks[0]["factors"][30], rel=1e-5)
+    assert spike["pre_clip_norm"] == pytest.approx(ranks[0]["norms"]["30"], rel=1e-5)  # the global norm

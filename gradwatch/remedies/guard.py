@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from gradwatch.distributed import is_dtensor, sharded_sq_norms
 from gradwatch.findings import Action
 from gradwatch.probes.gradients import host_squared_total, squared_total
 from gradwatch.remedies.base import Remedy
@@ -44,6 +45,7 @@ class StepGuard:
         #: Actions taken per step since the last read (skips, escalations); filed at the next read.
         self.pending: list[Action] = []
         self.clipped_steps: set[int] = set()  # the steps clipped in the last read
+        self.sharded = False  # set at bind
         self._leak: tuple[int, int, int] | None = None  # (first step, epoch, steps) not rolled back yet
 
     def deferred(self, step: int) -> bool:
@@ -66,6 +68,8 @@ class StepGuard:
     def bind(self, model: torch.nn.Module) -> None:
         if self.skip is not None:
             self.skip.bind(model)
+        #: FSDP2 / DTensor parameters: each rank holds shards, so clipping needs the global norm
+        self.sharded = any(is_dtensor(p) for p in model.parameters())
 
     def unbind(self, open_row: Any, optimizers: list[torch.optim.Optimizer]) -> None:
         """End of a run (or a failed step): no skip flag may stay armed, no hook attached."""
@@ -106,7 +110,7 @@ class StepGuard:
                 self.skip.arm(opts[0], sq)
                 row.device_skip = True
                 if self.clip is not None and grads:
-                    row.clip = self.clip.clip(grads, sq)
+                    row.clip = self._clip(grads, sq)
                 return
             if self.deferred(row.step):
                 row.deferred = True  # judged at the next read: rolled back there if it was not finite
@@ -114,7 +118,16 @@ class StepGuard:
                 return self._decide(row, params, grads, norms, opts, ctx)
         # one running norm per run: with several optimizers their norms would mix, so clipping stands aside
         if self.clip is not None and grads and len(opts) == 1:
-            row.clip = self.clip.clip(grads, squared_total(norms))
+            row.clip = self._clip(grads, squared_total(norms))
+
+    def _clip(self, grads: list[torch.Tensor], sq: torch.Tensor | float) -> torch.Tensor | float:
+        """Clip on the step's squared norm; sharded, on the global one (the shards' squares summed across
+        ranks, one all-reduce of a scalar with no host read): each rank's own shard norm would clip every
+        rank by a different amount."""
+        if self.sharded:
+            sq = torch.as_tensor(sq, dtype=torch.float64, device=grads[0].device).reshape(1)
+            sq = sharded_sq_norms(sq).reshape(())
+        return self.clip.clip(grads, sq)
 
     def _decide(
         self,
@@ -139,7 +152,7 @@ class StepGuard:
                 self._escalate(row.step, row.epoch)
             return
         if self.clip is not None and grads and len(opts) == 1:
-            row.clip = self.clip.clip(grads, sq)
+            row.clip = self._clip(grads, sq)
 
     def step_done(self, row: Any, optimizers: list[torch.optim.Optimizer]) -> None:
         """After the optimizer step: a device flag was for that one step."""
