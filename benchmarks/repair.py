@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -91,12 +92,21 @@ def recovered(s: zoo.Scenario, r: zoo.Result, reference: float, margin: float) -
 CONFIGS = ("off", "auto", "lightning", "zclip")
 
 
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f}±{statistics.stdev(values):.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="gradwatch repair benchmark")
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--margin", type=float, default=0.03, help="accuracy margin to the fault-free twin")
     parser.add_argument("--root", default="/tmp/gradwatch-repair")
     parser.add_argument("--actions", action="store_true", help="print gradwatch's actions in auto runs")
+    parser.add_argument(
+        "--healthy-seeds", type=int, default=1, help="seeds 0..N-1 per healthy scenario (mean ± sd, N > 1)"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import zclip  # noqa: F401 - imported first: it imports lightning, which sets up its own loggers
@@ -147,14 +157,21 @@ def main(argv: list[str] | None = None) -> int:
             for a in acts:
                 print(f"      {a}")
     print("\n* = recovered (final weights within the margin of the fault-free twin)")
-    print(f"\n{'healthy scenario':<36} {'off':>8} {'auto':>8}  {'diff':>7}  actions in auto")
+    seeds = range(args.healthy_seeds)
+    print(f"\n{'healthy scenario':<36} {'off':>14} {'auto':>14}  {'diff':>7}  actions in auto")
     harmed = 0
     for s in healthy:
-        off, auto = run(s, "off", args.root)[0], run(s, "auto", args.root)[0]
-        diff = auto.val_acc - off.val_acc
+        offs = [run(s, "off", args.root, seed)[0] for seed in seeds]
+        autos = [run(s, "auto", args.root, seed)[0] for seed in seeds]
+        off, auto = [r.val_acc for r in offs], [r.val_acc for r in autos]
+        diff = statistics.mean(auto) - statistics.mean(off)
         harmed += diff < -args.margin
-        acts = ", ".join(sorted({a.remedy for a in auto.actions})) or "-"
-        print(f"{s.name:<36} {off.val_acc:>8.3f} {auto.val_acc:>8.3f}  {diff:>+7.3f}  {acts}")
+        counts: dict[str, int] = {}
+        for r in autos:
+            for a in r.actions:
+                counts[a.remedy] = counts.get(a.remedy, 0) + 1
+        acts = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "-"
+        print(f"{s.name:<36} {_spread(off):>14} {_spread(auto):>14}  {diff:>+7.3f}  {acts}")
     n = len(faulty)
     print(
         f"\nhealthy runs harmed by auto (accuracy down by more than {args.margin}): {harmed}/{len(healthy)}"

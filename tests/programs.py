@@ -4,6 +4,8 @@
   PyTorch's docs and deep-ensemble examples): the loss goes negative as the variance shrinks.
 - :class:`Reinforce`: REINFORCE with a running-mean baseline (PyTorch's ``examples/reinforcement_learning``)
   on a contextual bandit over the digits: the loss is a signed, noisy surrogate, not a progress measure.
+- :class:`FrozenTable`: a frozen embedding table of GloVe's size under a small trainable head: a large
+  state next to a fast step, with NaN batches at chosen steps (rollback's bounded loss of progress).
 - :class:`MoonsGAN`: a GAN on ``make_moons`` (the PyTorch DCGAN example's loop: D step, then G step, BCE),
   manual optimization with two optimizers; the returned loss is the generator's.
 
@@ -11,6 +13,8 @@ Each ``metric()`` is the run's result (higher is better for all three, so tables
 """
 
 from __future__ import annotations
+
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -147,6 +151,34 @@ class MoonsGAN(pl.LightningModule):
             return torch.exp(-torch.cdist(a, b).square() / 0.1).mean()
 
         return -float(k(fake, fake) + k(real, real) - 2 * k(fake, real))
+
+
+class FrozenTable(pl.LightningModule):
+    """Digits as tokens (position * 17 + pixel value) through a frozen embedding table of GloVe's size
+    (400k x 40, 64 MB), and a small trainable head: its state is large next to its step time, so the 1%
+    time budget alone allowed one snapshot in ~1000 steps. NaN batches at the steps in ``burst``."""
+
+    def __init__(self, burst: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.burst = burst
+        self.table = nn.Embedding(400_000, 40)
+        self.table.weight.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.register_buffer("offsets", torch.arange(64) * 17)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.offsets + (x * 16).round().long()
+        return self.head(self.table(tokens).sum(1) / 8)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        if self.global_step in self.burst:
+            logits = logits * math.nan
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
 
 
 PROGRAMS = {"gaussian_nll": GaussianNLL, "reinforce": Reinforce, "gan": MoonsGAN}

@@ -8,11 +8,9 @@ import math
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from models import DigitsMLP, digits_loaders, trainer
-from programs import GaussianNLL, Reinforce
+from programs import FrozenTable, GaussianNLL, Reinforce
 from test_remedies import FireAt
-from torch import nn
 
 import gradwatch
 from gradwatch.remedies.snapshots import MAX_SNAPSHOT_GAP
@@ -62,34 +60,6 @@ def test_policy_gradient_is_never_rolled_back_and_surrogate_runs_no_loss_trend_r
 
 
 # ------------------------------------------------------------------------ item 2: a NaN burst, bounded loss
-class FrozenTable(pl.LightningModule):
-    """Digits as tokens (position * 17 + pixel value) through a frozen embedding table of GloVe's size
-    (400k x 40, 64 MB), and a small trainable head: its state is large next to its step time, so the 1%
-    time budget alone allowed one snapshot in ~1000 steps. NaN batches at the steps in ``burst``."""
-
-    def __init__(self, burst: tuple[int, ...] = ()) -> None:
-        super().__init__()
-        self.burst = burst
-        self.table = nn.Embedding(400_000, 40)
-        self.table.weight.requires_grad_(False)
-        self.head = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 10))
-        self.register_buffer("offsets", torch.arange(64) * 17)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.offsets + (x * 16).round().long()
-        return self.head(self.table(tokens).sum(1) / 8)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        if self.global_step in self.burst:
-            logits = logits * math.nan
-        return F.cross_entropy(logits, y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
-
-
 def rollbacks(monitor) -> list:
     return [a for a in monitor.actions if a.remedy == "rollback"]
 
