@@ -108,16 +108,16 @@ def derive(rows: list[StepRow], n_params: int, device: torch.device) -> torch.Te
         count = fin.logical_not().sum(1).float()
         lowest = torch.where(fin, n_params, rows[0].positions[0]).amin(1)
         first = torch.where(lowest < n_params, lowest, -1).float()
-        n64 = wide(n)  # summed in float64, rounded once to the float32 row (Inf beyond its range)
+        n64 = wide(n)  # summed in float64, as the rows are: exact for every finite norm
         sq = (n64 * n64).sum(1)
     else:  # several optimizers, or steps with different parameters: one row at a time
         per_row = []
         for r in rows:
             if r.norms:
                 s_, c_, f_ = nonfinite_summary(torch.cat(r.norms), torch.cat(r.positions), n_params)
-                per_row.append(torch.stack([s_.float(), c_.float(), f_.float()]))
+                per_row.append(torch.stack([s_, wide(c_), wide(f_)]))
             else:
-                per_row.append(torch.tensor([0.0, 0.0, -1.0], device=device))
+                per_row.append(wide(torch.tensor([0.0, 0.0, -1.0], device=device)))
         sq, count, first = torch.stack(per_row).to(device).unbind(1)
     loss = _losses(rows, zero)
     bad = (count > 0).float()
@@ -127,7 +127,8 @@ def derive(rows: list[StepRow], n_params: int, device: torch.device) -> torch.Te
         skipped = torch.stack([r.skipped if r.skipped is not None else zero[0] for r in rows]).to(device)
     else:
         scale, skipped = zero + math.nan, zero
-    return torch.stack([loss, sq.float(), count, first * bad, bad, scale, skipped], dim=1)
+    # float64 rows (float32 on Apple's MPS): a finite squared norm beyond float32's range stays finite
+    return torch.stack([wide(t) for t in (loss, sq, count, first * bad, bad, scale, skipped)], dim=1)
 
 
 def _losses(rows: list[StepRow], zero: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,8 @@ class Transfer:
             return {}
         device = self._tensors[0].device
         world = distributed.world_size()
-        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in self._tensors])
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # exact rows (squared norms)
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=dtype) for t in self._tensors])
         if world > 1 and across_ranks:  # one stacked all-reduce: every rank then judges the same numbers
             specs = [(t.numel(), m) for t, m in zip(self._tensors, self._modes, strict=True)]
             factors = distributed.reduce_factors(specs, world, sharded)

@@ -8,7 +8,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
-from models import DigitsMLP, digits_loaders, trainer
+from models import DigitsMLP, digits_loaders, exact_auto, trainer
 from programs import FrozenTable, GaussianNLL, Reinforce
 from test_remedies import FireAt
 
@@ -184,3 +184,39 @@ def test_after_a_rollback_the_schedule_follows_the_steps_taken_and_finishes(tmp_
     sched = model.trainer.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == 120  # not 120 - (80 - 60): the schedule ends where the run does
     assert model.trainer.optimizers[0].param_groups[0]["lr"] < 1e-3
+
+
+# ------------------------------------------------------------------------ item 10: finite norms past float32
+class HugeLoss(DigitsMLP):
+    """The loss times 1e21 under Adam (scale-free but for eps): gradients near 1e19-1e21, finite, whose
+    float32 squares overflow. It trains like the unscaled run."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * 1e21
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_finite_gradients_beyond_float32_squares_are_not_called_non_finite(tmp_path):
+    """They were: every step skipped, then the run stopped. Decided exactly, nothing is skipped; the
+    default (deferred) decides exactly while it has no snapshot, and after at most one rollback."""
+    train, val = digits_loaders()
+    accuracy = {}
+    for label, remedies in (("off", "off"), ("exact", exact_auto()), ("default", "auto")):
+        pl.seed_everything(0)
+        model = HugeLoss()
+        monitor = gradwatch.HealthMonitor(remedies=remedies, events_path=str(tmp_path / f"{label}.jsonl"))
+        trainer(tmp_path, [monitor], logger=False, max_epochs=3).fit(model, train)
+        with torch.no_grad():
+            accuracy[label] = sum(int((model(x).argmax(-1) == y).sum()) for x, y in val) / 360
+        if label == "exact":
+            assert [a.remedy for a in monitor.actions if a.remedy != "clip_gradients"] == []
+            assert [f for f in monitor.findings if f.rule == "nonfinite"] == []
+            norm = monitor.monitor.last_stats.steps[-1].grad_norm
+            assert 1e19 < norm < 1e30  # measured, finite
+        if label == "default":
+            assert len([a for a in monitor.actions if a.remedy == "rollback"]) <= 1
+            assert not [a for a in monitor.actions if a.remedy == "early_stop"]
+    assert accuracy["off"] > 0.85  # the run trains without gradwatch, and as well with it
+    assert accuracy["exact"] > accuracy["off"] - 0.03 and accuracy["default"] > accuracy["off"] - 0.05, accuracy

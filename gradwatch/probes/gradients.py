@@ -65,40 +65,58 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.device.type == "mps" else t.double()
 
 
-#: Where float32 overflows: a float64 value at or above it rounds to Inf in float32.
-FLOAT32_OVERFLOW = torch.finfo(torch.float32).max + 2.0**103
-
-
 def squared_total(norms: torch.Tensor) -> torch.Tensor:
     """The sum of squares of a norm vector as a 0-d float64 device tensor, with no host read: the
     per-step number of skip_step on the device flag and of clipping's device arithmetic. Summed in
-    float64, and Inf where the float32 rows (``recorder.derive``) would overflow, so that a step is
-    non-finite for skip_step exactly when it is in the rows. :func:`host_squared_total` is the same sum
-    where the norms were read to the host anyway (skip_step's decision).
+    float64, as the rows are (``recorder.derive``), so a step is non-finite for skip_step exactly when
+    it is in the rows. :func:`host_squared_total` is the same sum where the norms were read to the host
+    anyway (skip_step's decision).
 
     Example:
         >>> float(squared_total(torch.tensor([3.0, 4.0])))
         25.0
-        >>> float(squared_total(torch.tensor([1e20, 1.0]))), float(squared_total(torch.tensor([float("nan")])))
-        (inf, nan)
+        >>> float(squared_total(torch.tensor([1e20, 1.0], dtype=torch.float64))), float(squared_total(torch.tensor([math.nan])))
+        (1e+40, nan)
     """
     n = wide(norms)
-    sq = torch.dot(n, n)
-    return torch.where(sq >= FLOAT32_OVERFLOW, math.inf, sq)
+    return torch.dot(n, n)
 
 
 def host_squared_total(values: list[float]) -> float:
-    """:func:`squared_total` of norms already read to the host (Python floats): exact in float64, Inf
-    where the float32 rows overflow. Summing the vector skip_step's decision reads costs no tensor op;
-    the device ops of :func:`squared_total` and a scalar read instead cost about 75 us more a step
-    inside a fit (``benchmarks/hook_times.py``, the CPU workload: 113 against 38 us).
+    """:func:`squared_total` of norms already read to the host (Python floats), exact in float64. Summing
+    the vector skip_step's decision reads costs no tensor op; the device ops of :func:`squared_total`
+    and a scalar read instead cost about 75 us more a step inside a fit (``benchmarks/hook_times.py``,
+    the CPU workload: 113 against 38 us).
 
     Example:
         >>> host_squared_total([3.0, 4.0]), host_squared_total([1e20, 1.0]), host_squared_total([math.nan])
-        (25.0, inf, nan)
+        (25.0, 1e+40, nan)
     """
-    total = math.fsum(v * v for v in values)
-    return math.inf if total >= FLOAT32_OVERFLOW else total
+    return math.fsum(v * v for v in values)
+
+
+def exact_overflowed(norms: torch.Tensor, grads: list[torch.Tensor], values: list[float]) -> list[float]:
+    """``values`` (``norms`` read to the host) with each Inf the float32 kernel returned for a *finite*
+    gradient (its squares overflow past ~1.8e19) replaced by the exact norm, computed in float64; the
+    corrected norms are written back into ``norms`` (a norm up to 3.4e38 fits in float32) so the step's
+    row holds them too. Runs only where a value is Inf and the gradients are at hand (skip_step's exact
+    decision): a rare event, so the extra kernel costs nothing in the common case.
+
+    Example:
+        >>> g = [torch.full((4,), 1e20), torch.tensor([float("inf")])]
+        >>> n = torch.stack([torch.linalg.vector_norm(t) for t in g])
+        >>> exact_overflowed(n, g, n.tolist()), n.tolist()
+        ([2.0000000400817547e+20, inf], [2.0000000400817547e+20, inf])
+    """
+    fixed = list(values)
+    for i, v in enumerate(values):
+        if v == math.inf:
+            g = local(grads[i]).detach()
+            exact = torch.linalg.vector_norm((g.coalesce().values() if g.is_sparse else g).double())
+            if torch.isfinite(exact):  # sync: only for an Inf norm, already read to the host
+                fixed[i] = float(exact)
+                norms[i] = exact.to(norms.dtype)
+    return fixed
 
 
 class GradientProbe:
@@ -148,8 +166,9 @@ class GradientProbe:
         positions = self._indices(tuple(idx), norms.device)
         layers = None
         if per_layer:
-            layers = torch.zeros(len(self.layout.layers), dtype=norms.dtype, device=norms.device)
-            layers.index_add_(0, self.layout.layer_index.to(norms.device)[positions], norms.square())
+            wide_norms = wide(norms)  # squares in float64: finite for every finite norm
+            layers = torch.zeros(len(self.layout.layers), dtype=wide_norms.dtype, device=norms.device)
+            layers.index_add_(0, self.layout.layer_index.to(norms.device)[positions], wide_norms.square())
         return norms, positions, layers, grads
 
 

@@ -15,7 +15,7 @@ import torch
 
 from gradwatch.distributed import is_dtensor, sharded_sq_norms
 from gradwatch.findings import Action
-from gradwatch.probes.gradients import host_squared_total, squared_total
+from gradwatch.probes.gradients import exact_overflowed, host_squared_total, squared_total
 from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.clip_gradients import ClipGradients
 from gradwatch.remedies.context import Context
@@ -141,6 +141,8 @@ class StepGuard:
         """``SkipStep(mode="exact")``: the decision now, on the norms read to the host; then clipping on
         that host number."""
         values = norms.tolist()  # sync: skip_step's decision, the one read per step
+        if math.inf in values:  # a finite gradient whose float32 squares overflowed, or a real Inf
+            values = exact_overflowed(norms, grads, values)
         sq = host_squared_total(values)
         skip, norm, bad = self.skip.decide(row.step, sq, values, ctx.reduce_any)
         if skip:
@@ -185,6 +187,9 @@ class StepGuard:
             if not restored:
                 self.skip.tally(r.step, skipped)
             if skipped:
+                self.skip.leaked = (
+                    True  # decided exactly from now on (a float32 overflow is told apart there)
+                )
                 self.pending.append(self.skip.skipped(r.step, r.epoch, rec.grad_norm, rec.grad_nonfinite))
                 if not restored and escalate and self.skip.consecutive >= self.skip.max_consecutive:
                     restored = self._escalate(r.step, r.epoch)
