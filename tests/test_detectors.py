@@ -337,3 +337,16 @@ def test_state_dict_round_trips_through_plain_types(cls):
     e = cls()
     e.load_state_dict(pickle.loads(pickle.dumps(state)))
     assert e.state_dict() == state
+
+
+def test_divergence_resumed_from_a_state_without_its_noise_still_fires():
+    """A checkpoint from before the noise was kept loads it as NaN: every comparison with NaN is false, so
+    the rule stayed silent however far the loss rose. It measures the noise again instead."""
+    old = Divergence()
+    feed(old, losses=noisy(60, 0.5, 0.01))
+    state = old.state_dict()
+    del state["noise"]
+    new = Divergence()
+    new.load_state_dict(state)
+    out = feed(new, losses=[3.0] * 40, start=60)
+    assert [f.rule for f in out if f.severity != "info"][:1] == ["divergence"]

@@ -219,4 +219,21 @@ def test_finite_gradients_beyond_float32_squares_are_not_called_non_finite(tmp_p
             assert len([a for a in monitor.actions if a.remedy == "rollback"]) <= 1
             assert not [a for a in monitor.actions if a.remedy == "early_stop"]
     assert accuracy["off"] > 0.85  # the run trains without gradwatch, and as well with it
-    assert accuracy["exact"] > accuracy["off"] - 0.03 and accuracy["default"] > accuracy["off"] - 0.05, accuracy
+    assert accuracy["exact"] > accuracy["off"] - 0.03 and accuracy["default"] > accuracy["off"] - 0.05, (
+        accuracy
+    )
+
+
+def test_gradient_evidence_for_a_divergence_is_recent_and_from_the_run_as_it_is():
+    """A spike long before the rise, or one from steps a rollback discarded, is no evidence."""
+    from gradwatch.findings import Finding
+    from gradwatch.remedies.responder import trend_only
+
+    spike = Finding("gradient_spike", "warning", 100, 0, None, "spike", {}, "")
+    rise = Finding(
+        "divergence", "warning", 400, 0, None, "rise", {"grad_ratio": 1.1, "best_from_step": 50}, ""
+    )
+    assert trend_only(rise, [spike, rise])  # 300 steps before: not this rise's
+    near = Finding("gradient_spike", "warning", 330, 0, None, "spike", {}, "")
+    assert not trend_only(rise, [near, rise])
+    assert trend_only(rise, [near, rise], not_before=350)  # a rollback at 350 discarded it

@@ -119,6 +119,8 @@ class Divergence(Detector):
             if m < self.best:
                 self.best, self.grad_best, self.best_step = m, g, rec.step
                 self.noise = median_noise(recent)
+            if math.isnan(self.noise):  # a state saved before the noise was kept: measure it now
+                self.noise = median_noise(recent)
             rising = self._rising(m, self.noise)
             self.streak = self.streak + 1 if rising else 0
             if not rising and "diverge" in self.active and self._recovered(m):

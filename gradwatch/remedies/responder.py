@@ -50,20 +50,27 @@ GRAD_RISE = 2.0
 #: Findings that are gradient evidence for a divergence that came with (or after) them.
 GRADIENT_RULES = ("gradient_spike", "exploding_gradients", "nonfinite")
 
+#: The farthest back (in steps before a divergence finding) a gradient warning counts as its evidence.
+EVIDENCE_STEPS = 100
 
-def trend_only(finding: Finding, findings: list[Finding]) -> bool:
+
+def trend_only(finding: Finding, findings: list[Finding], not_before: int = -1) -> bool:
     """A loss-trend finding with no gradient evidence behind it: no remedy acts on it. A loss that rises
     on its own may be noise, a signed or non-progress loss, or a schedule; rolling back or cutting the LR
     on it made healthy runs end worse. A divergence is a real one when its gradient norms rose
     ``GRAD_RISE`` x with it, or when a gradient rule (a spike, an explosion, a non-finite step) warned
     since the loss was at its best: a learning rate too high shows in the gradients, if only as the
     spike that killed the units (``findings``: the run's findings so far, newest last). Since the best:
-    from the first step of the window whose median was the best (the median lags the rise)."""
+    from the first step of the window whose median was the best (the median lags the rise), and no
+    more than :data:`EVIDENCE_STEPS` back, nor from before ``not_before`` (the last rollback: its
+    discarded steps are no evidence about the restored run)."""
     if finding.rule != "divergence":
         return False
     if finding.evidence.get("grad_ratio", math.nan) >= GRAD_RISE:
         return False
-    since = finding.evidence.get("best_from_step", finding.step)
+    since = max(
+        finding.evidence.get("best_from_step", finding.step), finding.step - EVIDENCE_STEPS, not_before
+    )
     for earlier in reversed(findings):
         if earlier.step < since:
             break
@@ -105,12 +112,14 @@ class Responder:
         self.early_stop = next((r for r in remedies if isinstance(r, EarlyStop)), None)
         self.snapshot_policy = SnapshotPolicy(ctx.snapshots) if self.rollback is not None else None
         self._warned_manual: set[str] = set()
+        self._rolled_back_at = -1  # the step of the last rollback: evidence from before it is discarded
         #: Called after each rollback with the restored snapshot's rule states and :data:`REWOUND` (the
         #: monitor wires the judge's ``rewind``).
         self.on_rewind: Callable[[dict, tuple[str, ...]], None] = lambda states, rules: None
 
     def new_run(self) -> None:
         """A new fit (not a resume): no snapshot or best weights of another run, no step-based state."""
+        self._rolled_back_at = -1
         self.ctx.snapshots.ring.clear()
         self.ctx.best = BestWeights()
         for remedy in self.remedies:
@@ -135,7 +144,7 @@ class Responder:
         for finding in findings:
             if finding.severity == "info" or (rolled_back and finding.rule in moot):
                 continue  # a rollback in this read already went back past what these findings saw
-            if trend_only(finding, self.findings()):
+            if trend_only(finding, self.findings(), self._rolled_back_at):
                 continue
             order = LADDER.get(finding.rule, ())
             answering = sorted(
@@ -155,7 +164,7 @@ class Responder:
                     acted = True
                     if action.remedy == "rollback":
                         rolled_back = True
-                        self._rewind()
+                        self._rewind(action.step)
                     break
             spent = answering and all(r.spent for r in answering)
             if not acted and spent and finding.severity == "critical":
@@ -176,7 +185,7 @@ class Responder:
             if action is not None:
                 self.publish([finding])
                 record(action)
-                self._rewind()
+                self._rewind(action.step)
                 return True
         self.give_up(finding, record)
         return False
@@ -205,8 +214,10 @@ class Responder:
         if self.snapshot_policy is not None:
             self.snapshot_policy.after_read(step, new, detectors, stats, self.ctx)
 
-    def _rewind(self) -> None:
-        ring = self.ctx.snapshots.ring  # the restored snapshot is the newest left
+    def _rewind(self, step: int) -> None:
+        """A rollback at ``step`` restored the newest snapshot left in the ring: the rules go back too."""
+        self._rolled_back_at = step
+        ring = self.ctx.snapshots.ring
         self.on_rewind(ring[-1].detectors if ring else {}, REWOUND)
 
     def _warn_manual(self, remedy: str) -> None:
