@@ -25,6 +25,7 @@ RULES: tuple[str, ...] = (
     "loss_plateau",
     "update_ratio",
     "frozen_weights",
+    "lr_collapsed",
 )
 
 REMEDIES: tuple[str, ...] = (

@@ -12,6 +12,7 @@ from gradwatch.detectors.frozen_weights import FrozenWeights
 from gradwatch.detectors.gradient_spike import GradientSpike
 from gradwatch.detectors.loss_plateau import LossPlateau
 from gradwatch.detectors.loss_spike import LossSpike
+from gradwatch.detectors.lr_collapsed import LRCollapsed
 from gradwatch.detectors.nonfinite import NonFinite
 from gradwatch.detectors.overfitting import Overfitting
 from gradwatch.detectors.poor_initialization import PoorInitialization
@@ -37,6 +38,7 @@ __all__ = [
     "GradientSpike",
     "LossPlateau",
     "LossSpike",
+    "LRCollapsed",
     "NonFinite",
     "Overfitting",
     "PoorInitialization",
