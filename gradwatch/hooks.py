@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gradwatch.config import OPTIONS_DOC, Config
+from gradwatch.distributed import replicated
 from gradwatch.monitor import Monitor, log
 from gradwatch.probes.amp import amp_view, scale_tensor, scaler_of
 from gradwatch.progress import ProgressStatus
@@ -73,6 +74,7 @@ def _context(trainer: Any, pl_module: Any) -> Context:
         automatic=bool(pl_module.automatic_optimization),
         reduce_any=reduce_any,
         world_size=world,
+        replicated=world > 1 and replicated(trainer.strategy.model),  # DDP: rank 0 keeps the snapshots
     )
 
 

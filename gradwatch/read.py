@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradwatch.distributed import MEAN, PARAM, SUM
+from gradwatch.distributed import MEAN, PARAM, SUM, read_alone
 from gradwatch.probes import ParamLayout
+from gradwatch.probes.activations import ActivationProbe
 from gradwatch.probes.probe_set import ProbeSet
 from gradwatch.recorder import StepRow, derive
 from gradwatch.stats import ROW_FIELDS, ActivationStats, InputStats, Stats, StepRecord
@@ -41,7 +42,7 @@ def read(
     """Queue the rows (and on a ``scheduled`` step the weight statistics, measured now, after the step)
     with what the probes queued, read it all once, and build the :class:`Stats` the detectors judge.
     ``clipping``: clip_gradients ran, so each row's coefficient is read too."""
-    transfer, activation_names = probes.take()
+    transfer, acts = probes.take()
     layout = probes.layout
     transfer.add("rows", derive(rows, len(layout), layout.device), tuple(ROW_FIELDS.values()))
     if grad_layers is not None:
@@ -60,7 +61,8 @@ def read(
         if update is not None:
             transfer.add("update", update, PARAM)
     host = transfer.read(across_ranks=across_ranks, sharded=layout.sharded)
-    stats = build_stats(rows, host, layout, activation_names, val_loss)
+    read_alone(not across_ranks)  # what follows this read (a rollback, a snapshot) may wait on the ranks
+    stats = build_stats(rows, host, layout, acts, val_loss)
     return Read(stats, host.get("clips"))
 
 
@@ -68,7 +70,7 @@ def build_stats(
     rows: list[StepRow],
     host: dict[str, Any],
     layout: ParamLayout,
-    activation_names: tuple[list[str], list[str]] | None,
+    acts: ActivationProbe | None,
     val_loss: float | None,
 ) -> Stats:
     names, layers = layout.names, layout.layers
@@ -109,12 +111,11 @@ def build_stats(
             for n, u, b in zip(layers, upd, before, strict=True)
         }
         stats.update_ratio["total"] = math.sqrt(upd.sum()) / max(math.sqrt(before.sum()), 1e-30)
-    if "activations" in host and activation_names is not None:
-        act_names, kinds = activation_names
+    if "activations" in host and acts is not None:  # added up by module across ranks: each rank's mean
         stats.activations = {
-            n: ActivationStats(k, *(float(x) for x in v))
-            for n, k, v in zip(act_names, kinds, host["activations"], strict=True)
+            n: ActivationStats(k, *(float(x) for x in v)) for n, k, v in acts.settle(host["activations"])
         }
-    if "inputs" in host:
-        stats.inputs = InputStats(*(float(x) for x in host["inputs"]))
+    if "inputs" in host and host["inputs"][-1] > 0:  # added up across ranks, with how many had a batch
+        inputs = host["inputs"]
+        stats.inputs = InputStats(*(float(x / inputs[-1]) for x in inputs[:-1]))
     return stats

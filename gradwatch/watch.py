@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradwatch.config import OPTIONS_DOC, Config
-from gradwatch.distributed import world_size
+from gradwatch.distributed import replicated, world_size
 from gradwatch.errors import ConfigError
 from gradwatch.findings import Action, Finding
 from gradwatch.hooks import _lr_of
@@ -142,7 +142,8 @@ class Watch:
             request_stop=self._request_stop,
             automatic=True,
             reduce_any=reduce_any(self.module),
-            world_size=world_size(),  # under DDP every rank keeps the same snapshots (step-only cadence)
+            world_size=world_size(),
+            replicated=world_size() > 1 and replicated(self.model),  # DDP: rank 0 keeps the snapshots
         )
         setup = describe_loop(
             self.model, self.module, self._raw_optimizers, self.schedulers, self.scaler, self.fabric_scaler

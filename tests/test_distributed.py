@@ -319,3 +319,72 @@ def test_sharded_clipping_uses_the_global_norm_on_every_rank(tmp_path):
     spike = next(c for c in ranks[0]["clips"] if 30 in c["steps"])
     assert spike["factor"] == pytest.approx(ranks[0]["factors"][30], rel=1e-5)
     assert spike["pre_clip_norm"] == pytest.approx(ranks[0]["norms"]["30"], rel=1e-5)  # the global norm
+
+
+# ---------------------------------------------------------------------------- ranks that differ (DDP)
+def _health(out, scenario: str) -> list[dict]:
+    """``tests/scripts/ddp_health.py``: a 2-process Lightning DDP fit. A rank waiting forever on the other
+    fails the test at the timeout (the whole process group is killed), instead of blocking the suite."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])}
+    env.pop("LOCAL_RANK", None)
+    script = os.path.join(HERE, "scripts", "ddp_health.py")
+    proc = subprocess.Popen(
+        [sys.executable, script, str(out), scenario],
+        env=env,
+        cwd=str(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # rank 1 is rank 0's child: a timeout kills both
+    )
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+        pytest.fail(f"the DDP fit hung (a rank waited on the other):\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ddp_activations_of_a_module_one_rank_ran_are_reduced_by_name(tmp_path):
+    """A branch (``extra``: Linear + Tanh) taken on rank 0 only: the ranks' activation statistics are
+    matched by module, not by position. Before, rank 0 sent 4 summaries and rank 1 two, and the stacked
+    all-reduce failed. Now every rank reads the same numbers: a module that ran on both is their mean,
+    the branch is rank 0's own summary (averaged over the one rank where it ran)."""
+    r0, r1 = _health(tmp_path, "branch")
+    assert r0["reads"] == r1["reads"] and r0["findings"] == r1["findings"]
+    assert len(r0["reads"]) == 30
+    for step, acts in r0["reads"].items():
+        own0, own1 = r0["own"][step], r1["own"][step]
+        assert set(acts) == {"fc1", "act", "extra.0", "extra.1", "fc2"} == set(own0)
+        assert set(own1) == {"fc1", "act", "fc2"}
+        for name in ("extra.0", "extra.1"):  # ran on rank 0 only: exactly its values
+            assert acts[name][1:] == pytest.approx(own0[name], rel=1e-6, abs=1e-7)
+        for name in ("fc1", "act"):  # the same module on both ranks: the mean of the two
+            mean = [(a + b) / 2 for a, b in zip(own0[name], own1[name], strict=True)]
+            assert acts[name][1:] == pytest.approx(mean, rel=1e-5, abs=1e-6)
+        assert acts["extra.1"][0] == "tanh" and acts["act"][0] == "relu"
+
+
+def test_ddp_only_rank_zero_keeps_snapshots_and_a_rollback_broadcasts_them(tmp_path):
+    """The defaults, rank 1 alone gets a NaN batch at step 25: both ranks roll back at the same step to
+    the snapshot of step 20 (taken when due on every rank: the time budget decided together). Rank 0
+    holds the snapshots; rank 1 holds no copy (before: two each, 57 KiB per rank for this model) and gets
+    rank 0's restored state by broadcast. After it, both ranks' weights are bit-identical to rank 0's
+    snapshot, and they stay identical and finite to the end."""
+    r0, r1 = _health(tmp_path, "rollback")
+    rollbacks = [
+        [(a["step"], a["detail"]["restored_step"]) for a in r["actions"] if a["remedy"] == "rollback"]
+        for r in (r0, r1)
+    ]
+    assert rollbacks[0] == rollbacks[1] == [(25, 20)]
+    assert r0["actions"] == r1["actions"]
+    assert [s["step"] for s in r0["ring"]] == [s["step"] for s in r1["ring"]]
+    assert all(s["tensors"] > 0 for s in r0["ring"]) and all(s["tensors"] == 0 for s in r1["ring"])
+    assert r0["peak_bytes"] >= r0["state_bytes"] and r1["peak_bytes"] == 0
+    assert r0["memory"]["snapshot_mib"] > 0 and r1["memory"]["snapshot_mib"] == 0
+    a0, a1 = r0["after_rollback"], r1["after_rollback"]
+    assert a0["step"] == a1["step"] == 26  # the batch end of step 25: global_step counts it already
+    assert a0["weights"] == a1["weights"] == a0["snapshot"] and a1["snapshot"] is None
+    assert r0["weights"] == r1["weights"] and r0["finite"] and r1["finite"]

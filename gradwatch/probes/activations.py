@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -46,6 +47,10 @@ DEAD_RATE = 0.01
 
 #: Fields of the per-module stats vector, in order.
 FIELDS = ("mean", "std", "max_abs", "zero_frac", "dead_unit_frac", "saturated_frac")
+
+#: The columns of a slot in :meth:`ActivationProbe.stack`: the fields, then 1 if the call ran (ranks add
+#: it up: how many ran it), then its call number in the forward pass.
+COUNT, CALL = len(FIELDS), len(FIELDS) + 1
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -153,6 +158,17 @@ class ActivationProbe:
         #: identities while tracing are not the runtime ones; remedies then go by registration order).
         self.flow = None if self.persistent else DataFlow(model)
         self._passes = pass_through_modules(model) if self.flow is not None else []
+        #: Every (module, producer) call a step can have, fixed at bind and the same on every rank: each
+        #: module, and each activation module after each Linear/Conv (with no recorded flow: modules only).
+        linear = [name for name, _, kind in self.modules if kind == "linear"]
+        self.slots: list[tuple[str, str | None]] = []
+        for name, _, kind in self.modules:
+            self.slots.append((name, None))
+            if kind != "linear" and self.flow is not None:
+                self.slots += [(name, producer) for producer in linear]
+        self._slot = {key: i for i, key in enumerate(self.slots)}
+        self._kinds = {name: kind for name, _, kind in self.modules}
+        self._order = {name: i for i, (name, _, _) in enumerate(self.modules)}
         self.sampling = False
         if self.persistent:  # before the first forward, so that dynamo traces them (gated off)
             self._register()
@@ -226,23 +242,63 @@ class ActivationProbe:
             handle.remove()
         self._handles.clear()
 
-    def collect(self) -> tuple[list[str], list[str], torch.Tensor | None]:
-        """``(names, kinds, stats[M, len(FIELDS)])`` of the calls since :meth:`attach`, in module order.
+    def stack(self, device: torch.device) -> torch.Tensor:
+        """The calls since :meth:`attach` in the fixed layout of :attr:`slots`: a ``[slots, COUNT + 2]``
+        device tensor, zero where a call did not run, so that ranks whose forward passes ran different
+        modules add their statistics up slot by slot (:meth:`settle` divides by the count). Device ops
+        only, on probe steps; the layout holds ``L + A * (L + 1)`` slots of 8 floats for ``L`` Linear/Conv
+        and ``A`` other watched modules (a 2-layer MLP: 11; 80 transformer blocks of 7 Linear and one
+        SiLU each: 45k, 1.4 MB). The captured calls wait for :meth:`settle`."""
+        out = torch.zeros(len(self.slots), CALL + 1, device=device)
+        keys = [key for key in self._captured if key in self._slot]
+        if keys:
+            rows = torch.stack([self._captured[k][1].to(device) for k in keys])
+            ones = rows.new_ones(len(keys), 1)
+            calls = torch.tensor([[float(self._captured[k][0])] for k in keys]).to(device, non_blocking=True)
+            index = torch.tensor([self._slot[k] for k in keys]).to(device, non_blocking=True)
+            out.index_copy_(0, index, torch.cat([rows, ones, calls], dim=1))
+        return out
 
-        A module called for several producers (one ``nn.ReLU`` after fc1, fc2, fc3) has one entry per
-        producer, named ``act@fc1``, ...; a module that ran for one producer keeps its own name.
-        """
-        order = {name: i for i, (name, _, _) in enumerate(self.modules)}
-        kinds = {name: kind for name, _, kind in self.modules}
-        keys = sorted(self._captured, key=lambda k: (order[k[0]], self._captured[k][0]))
-        names = call_names([(m, p, self._captured[(m, p)][0]) for m, p in keys])
-        for key, name in zip(keys, names, strict=True):
+    def settle(self, host: Any) -> list[tuple[str, str, Any]]:
+        """``(name, kind, FIELDS values)`` of every call that ran (on some rank), from :meth:`stack`'s
+        layout as read (on the host; across ranks: added up), in module and call order: each the mean over
+        the ranks that ran it. Names are made from what every rank read, so they are the same on every
+        rank: a module that ran for one producer keeps its own name, else ``module@producer`` (or
+        ``module#n``, its n-th call, where no producer was seen). This rank's own calls keep their per-unit
+        activity (for remedies) and data flow under those names."""
+        count = host[:, COUNT]
+        ran = [int(i) for i in count.nonzero()[0]]
+        calls = {i: round(float(host[i, CALL] / count[i])) for i in ran}
+        ran.sort(key=lambda i: (self._order[self.slots[i][0]], calls[i]))
+        names = call_names([(*self.slots[i], calls[i]) for i in ran])
+        named = dict(zip((self.slots[i] for i in ran), names, strict=True))
+        mine = {key: named[key] for key in self._captured if key in named}
+        for key, name in mine.items():
             active = self._captured[key][2]
             if active is not None:
                 self.activity[name] = active  # kept on device for remedies (reinitialize)
         if self.flow is not None:
             linear = {name for name, _, kind in self.modules if kind == "linear"}
-            self.flow.settle(dict(zip(keys, names, strict=True)), linear)
-        stats = torch.stack([self._captured[k][1] for k in keys]) if keys else None
+            self.flow.settle(mine, linear)
         self._captured.clear()
-        return names, [kinds[m] for m, _ in keys], stats
+        module = [self.slots[i][0] for i in ran]
+        return [
+            (name, self._kinds[m], host[i, :COUNT] / count[i])
+            for name, m, i in zip(names, module, ran, strict=True)
+        ]
+
+    def collect(self) -> tuple[list[str], list[str], torch.Tensor | None]:
+        """``(names, kinds, stats[M, len(FIELDS)])`` of this rank's calls since :meth:`attach`, in module
+        and call order (:meth:`stack` then :meth:`settle`, without the other ranks).
+
+        A module called for several producers (one ``nn.ReLU`` after fc1, fc2, fc3) has one entry per
+        producer, named ``act@fc1``, ...; a module that ran for one producer keeps its own name.
+        """
+        first = next(iter(self._captured.values()), None)
+        device = first[1].device if first is not None else torch.device("cpu")
+        dense = self.stack(device)
+        settled = self.settle(dense.cpu().numpy())  # sync: not on the hot path (the read settles its own)
+        if not settled:
+            return [], [], None
+        values = torch.tensor(np.stack([v for _, _, v in settled]), dtype=dense.dtype, device=device)
+        return [n for n, _, _ in settled], [k for _, k, _ in settled], values

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradwatch.distributed import SUM
 from gradwatch.probes.activations import ActivationProbe
 from gradwatch.probes.gradients import GradientProbe
 from gradwatch.probes.inputs import input_stats
@@ -34,7 +35,7 @@ class ProbeSet:
         self._note_unmeasured(model)
         self.inputs = inputs
         self._transfer = Transfer()
-        self._act_names: tuple[list[str], list[str]] | None = None
+        self._acts_queued = False  # the activation summaries in the queue wait for the read to name them
         self._probed_step: int | None = None
 
     def _note_unmeasured(self, model: nn.Module) -> None:
@@ -84,25 +85,30 @@ class ProbeSet:
         self._probed_step = step
         if self.acts is not None:
             self.acts.attach()
-        stats = input_stats(batch) if self.inputs else None
-        if stats is not None:
-            self._transfer.add("inputs", stats)
+        if self.inputs:  # [mean, std, max|x|, 1], or zeros for a batch without a floating tensor: every
+            # rank queues the same (ranks add them up; the read divides by how many had one)
+            stats = input_stats(batch)
+            if stats is None:
+                row = torch.zeros(4, device=self.layout.device)
+            else:
+                row = torch.cat([stats, stats.new_ones(1)])
+            self._transfer.add("inputs", row, SUM)
 
     def end(self) -> None:
-        """A batch ended: detach the activation hooks, queue what they saw."""
+        """A batch ended: detach the activation hooks, queue what they saw in the layout every rank shares
+        (:meth:`ActivationProbe.stack`: ranks add each module's summaries up by name, with a count)."""
         if self.acts is None or not self.acts.attached:
             return
         self.acts.detach()
-        names, kinds, acts = self.acts.collect()
-        if acts is not None:
-            self._transfer.add("activations", acts)
-            self._act_names = (names, kinds)
+        self._transfer.add("activations", self.acts.stack(self.layout.device), SUM)
+        self._acts_queued = True
 
-    def take(self) -> tuple[Transfer, tuple[list[str], list[str]] | None]:
-        """What the probes queued, for the read; the queue starts anew."""
-        transfer, names = self._transfer, self._act_names
-        self._transfer, self._act_names = Transfer(), None
-        return transfer, names
+    def take(self) -> tuple[Transfer, ActivationProbe | None]:
+        """What the probes queued, for the read, and the activation probe that names what it queued
+        (``None`` if nothing); the queue starts anew."""
+        transfer, acts = self._transfer, self.acts if self._acts_queued else None
+        self._transfer, self._acts_queued = Transfer(), False
+        return transfer, acts
 
     def unit_activity(self, module: str | None) -> torch.Tensor | None:
         """Per-unit activity of ``module`` at the last sampled step (device vector), for remedies."""
@@ -113,4 +119,4 @@ class ProbeSet:
         if self.acts is not None:
             self.acts.remove()
         self.weights.discard()
-        self._transfer, self._act_names, self._probed_step = Transfer(), None, None
+        self._transfer, self._acts_queued, self._probed_step = Transfer(), False, None

@@ -28,6 +28,9 @@ class Context:
         request_stop: asks the training loop to stop after the current step.
         automatic: False under manual optimization (the user steps optimizers and schedulers).
         reduce_any: True on every rank if it is True on any rank (identity in one process).
+        world_size: the number of ranks.
+        replicated: every rank holds the same weights and optimizer state (DDP): rank 0 alone keeps the
+            rollback snapshots, and a rollback broadcasts its restored state to the other ranks.
     """
 
     model: nn.Module
@@ -38,6 +41,7 @@ class Context:
     automatic: bool = True
     reduce_any: Callable[[bool], bool] = bool
     world_size: int = 1
+    replicated: bool = False
 
 
 def _no_activity(module: str | None) -> torch.Tensor | None:

@@ -38,6 +38,13 @@ class Rollback(Remedy):
     progress-judging rules (divergence, loss_plateau, exploding_gradients) go back to their state at
     that snapshot.
     Gradients are cleared after the restore.
+
+    Under DDP (every rank holds the same weights and optimizer state) rank 0 alone keeps the snapshot
+    copies; the other ranks mark the same steps, and a rollback broadcasts rank 0's restored state to
+    them (one ``broadcast`` per tensor), so every rank goes on from the same bits. Each rank's summary
+    says what it holds (``snapshot_mib`` 0 on the others). Sharded models (FSDP2, ``DTensor``) keep each
+    rank's own shards on that rank. Where the time budget decides, the ranks decide together (due when
+    due on every rank: one all-reduce of a flag on those reads), so every rank snapshots at the same steps.
     """
 
     name = "rollback"
@@ -78,6 +85,8 @@ class Rollback(Remedy):
             snaps.ring.pop()
         before = first_lr(ctx)
         snap = snaps.restore(training)  # the optimizers keep their live learning rates (and multiplier)
+        if snap is None:  # a DDP rank without the copy, reading alone at a failing run's end
+            return None
         for p in training.model.parameters():
             p.grad = None  # nothing of the bad step leaks into the next one
         factor = 1.0 if keep_lr else self.lr_factor

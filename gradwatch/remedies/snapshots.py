@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from gradwatch import distributed
 from gradwatch.findings import Finding
 from gradwatch.remedies.context import Context
 
@@ -66,17 +68,27 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
+def _shared(ctx: Context) -> bool:
+    """Every rank holds the same state (DDP, no sharded parameter): one copy, rank 0's, serves them all."""
+    if not (ctx.replicated and ctx.world_size > 1):
+        return False
+    return not any(distributed.is_dtensor(p) for p in ctx.model.parameters())  # shards differ per rank
+
+
 @dataclass
 class Snapshot:
     step: int
     model: dict[str, Any]
     optimizers: list[dict[str, Any]]
     scaler: dict[str, Any] | None
-    nbytes: int = 0
+    nbytes: int = 0  # the size of the state it stands for (model and optimizers), held here or not
     lr: float = float("nan")  # the learning rate the first param group stepped with at that time
     #: the rules' state (by detector class name) right after the read that took it, for a rollback to
     #: rewind them with the weights; empty for a snapshot taken outside a read (at a resume)
     detectors: dict[str, Any] = field(default_factory=dict)
+    #: this rank holds the copy; ``False``: a DDP rank other than 0, whose entry marks the step (rank 0's
+    #: copy of it is broadcast at a rollback)
+    held: bool = True
 
 
 @dataclass
@@ -87,6 +99,12 @@ class Snapshots:
     than keeps the time spent copying under ``max_overhead`` of the training time: a snapshot that took
     ``d`` seconds waits at least ``d / max_overhead`` seconds of training before the next, so large models
     snapshot less often.
+
+    Under DDP (``Context.replicated``: every rank holds the same weights and optimizer state) rank 0 alone
+    keeps the copies; the other ranks' entries hold no tensors and mark the same steps, and a rollback
+    broadcasts rank 0's copy to them. Sharded models (FSDP2 / ``DTensor``) keep a copy of each rank's own
+    shards on every rank. Every rank keeps its own scaler state (a few numbers). ``peak_bytes`` is what
+    this rank holds.
     """
 
     keep: int = 2
@@ -109,56 +127,90 @@ class Snapshots:
             )
         return cls(keep=keep, every_n_steps=snapshot_every, max_overhead=None)
 
-    def due(self, step: int, timed: bool = True) -> bool:
-        """Whether a snapshot is due at ``step``. ``timed=False`` drops the time budget, which differs per
-        rank: under DDP every rank must keep the same snapshots, so only the step count decides."""
+    def due_by_steps(self, step: int) -> bool | None:
+        """Whether a snapshot is due at ``step`` by the step counts alone (the same on every rank), or
+        ``None``: the time budget decides (:meth:`within_budget`, which differs per rank)."""
         if not self.ring:
             return True
-        if step - self.ring[-1].step < self.every_n_steps:
-            return False
-        if not timed or self.max_overhead is None:
-            return True
         gap = step - self.ring[-1].step
+        if gap < self.every_n_steps:
+            return False
+        if self.max_overhead is None:
+            return True
         if self.max_gap is not None and gap >= max(self.max_gap, MAX_GAP_FRACTION * step):
             return True  # bound the progress a rollback can lose
+        return None
+
+    def within_budget(self) -> bool:
+        """The time since the last snapshot lets the next one keep copying under ``max_overhead``."""
+        if self.max_overhead is None:
+            return True
         return (time.perf_counter() - self._last_time) * self.max_overhead >= self.last_seconds
+
+    def due(self, step: int, timed: bool = True) -> bool:
+        """Whether a snapshot is due at ``step`` on this rank. ``timed=False`` drops the time budget."""
+        by_steps = self.due_by_steps(step)
+        return by_steps if by_steps is not None else not timed or self.within_budget()
+
+    @staticmethod
+    def holds(ctx: Context) -> bool:
+        """Whether this rank keeps the copies: not on a DDP rank other than 0 (rank 0's copy serves all)."""
+        return not _shared(ctx) or distributed.rank() == 0
 
     def take(self, step: int, ctx: Context, lr: float = float("nan")) -> Snapshot:
         t0 = time.perf_counter()
         # the snapshot leaving the ring lends its host tensors to the new one; it leaves first, so that
         # a copy failing halfway never leaves a half-written snapshot in the ring
         old = self.ring.pop(0) if len(self.ring) >= self.keep else None
-        old_opts = old.optimizers if old is not None else []
-        snap = Snapshot(
-            step=step,
-            model=_to_host(ctx.model.state_dict(), old.model if old is not None else None),
-            optimizers=[
-                _to_host(o.state_dict(), old_opts[i] if i < len(old_opts) else None)
-                for i, o in enumerate(ctx.optimizers())
-            ],
-            scaler=_to_host(ctx.scaler.state_dict()) if ctx.scaler is not None else None,
-        )
-        snap.nbytes = _nbytes([snap.model, snap.optimizers])
+        old = old if old is not None and old.held else None
+        scaler = _to_host(ctx.scaler.state_dict()) if ctx.scaler is not None else None
+        if self.holds(ctx):
+            old_opts = old.optimizers if old is not None else []
+            snap = Snapshot(
+                step=step,
+                model=_to_host(ctx.model.state_dict(), old.model if old is not None else None),
+                optimizers=[
+                    _to_host(o.state_dict(), old_opts[i] if i < len(old_opts) else None)
+                    for i, o in enumerate(ctx.optimizers())
+                ],
+                scaler=scaler,
+            )
+            snap.nbytes = _nbytes([snap.model, snap.optimizers])
+        else:  # the size rank 0's copy has (the same state): actions say the same on every rank
+            live = [ctx.model.state_dict(), [o.state_dict() for o in ctx.optimizers()]]
+            snap = Snapshot(
+                step=step, model={}, optimizers=[], scaler=scaler, nbytes=_nbytes(live), held=False
+            )
         snap.lr = lr
         self.ring = [*self.ring[-(self.keep - 1) :], snap] if self.keep > 1 else [snap]
-        self.peak_bytes = max(self.peak_bytes, sum(s.nbytes for s in self.ring))
+        self.peak_bytes = max(self.peak_bytes, sum(s.nbytes for s in self.ring if s.held))
         self._last_time = time.perf_counter()
         self.last_seconds = self._last_time - t0
         return snap
 
     def restore(self, ctx: Context) -> Snapshot | None:
         """Load the newest snapshot into the live model, optimizer state and scaler; ``None`` if there is
-        none. The optimizers keep their live hyperparameters (learning rate, momentum, ...) and the LR
-        schedulers are not rewound: the schedule follows the optimizer steps the run has taken (a cosine
-        or OneCycle schedule still ends at its last step), and a learning rate the user changed by hand
-        since the snapshot stays changed."""
+        none (or, on a DDP rank other than 0 reading alone, no copy to load). Under DDP every rank calls
+        it at the same read: rank 0 broadcasts its copy, and every rank loads the same state. The
+        optimizers keep their live hyperparameters (learning rate, momentum, ...) and the LR schedulers
+        are not rewound: the schedule follows the optimizer steps the run has taken (a cosine or OneCycle
+        schedule still ends at its last step), and a learning rate the user changed by hand since the
+        snapshot stays changed."""
         if not self.ring:
             return None
         snap = self.ring[-1]
-        ctx.model.load_state_dict(snap.model)
-        for opt, state in zip(ctx.optimizers(), snap.optimizers, strict=False):
+        model, optimizers = snap.model, snap.optimizers
+        if _shared(ctx) and distributed.together():  # rank 0's copy, on every rank
+            first = next(ctx.model.parameters(), None)
+            nccl = first is not None and first.is_cuda and dist.get_backend() == "nccl"
+            device = first.device if nccl else torch.device("cpu")
+            model, optimizers = distributed.broadcast_state((model, optimizers), device)
+        elif not snap.held:
+            return None  # a rank reading alone (a failing run's end) without the copy
+        ctx.model.load_state_dict(model)
+        for opt, state in zip(ctx.optimizers(), optimizers, strict=False):
             live = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-            opt.load_state_dict(copy.deepcopy(state))
+            opt.load_state_dict(copy.deepcopy(state) if snap.held else state)
             for group, hyper in zip(opt.param_groups, live, strict=False):
                 group.update(hyper)
         if ctx.scaler is not None and snap.scaler is not None:
@@ -216,18 +268,30 @@ def healthy(new: list[Finding], open_episodes: list[str], stats: Any) -> bool:
 
 class SnapshotPolicy:
     """Takes a snapshot after a read when one is due (:meth:`Snapshots.due`) and the read is
-    :func:`healthy`. Under DDP only the step count decides, so every rank keeps the same snapshots."""
+    :func:`healthy`. Every rank keeps snapshots at the same steps: the step counts and the health are
+    the same on every rank (the read is all-reduced); where the time budget decides, which each rank
+    measures for itself, the ranks decide together: due when it is due on every rank (one all-reduce of
+    a flag, ``Context.reduce_any``, on those reads only)."""
 
     def __init__(self, snapshots: Snapshots) -> None:
         self.snapshots = snapshots
 
     def after_read(self, step: int, new: list[Finding], detectors: list[Any], stats: Any, ctx: Any) -> None:
-        training = ctx.context
-        if training is None or not self.snapshots.due(step, training.world_size == 1):
+        training, snaps = ctx.context, self.snapshots
+        due = snaps.due_by_steps(step) if training is not None else False
+        if due is False:
             return
         episodes = [sev for d in detectors if d.rule in UNSTABLE for sev in getattr(d, "active", {}).values()]
         if not healthy(new, episodes, stats):
             return
+        if due is None:  # the time budget: each rank's own, so due when due on every rank
+            due = snaps.within_budget()
+            if training.world_size > 1:
+                if not distributed.together():
+                    return  # a rank reading alone (a failing run's end): no collective, no snapshot
+                due = not training.reduce_any(not due)
+            if not due:
+                return
         lr = stats.steps[-1].lr if stats is not None and stats.steps else None
-        snap = self.snapshots.take(step, training, lr if lr is not None else math.nan)
+        snap = snaps.take(step, training, lr if lr is not None else math.nan)
         snap.detectors = {type(d).__name__: d.state_dict() for d in detectors}
