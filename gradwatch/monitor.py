@@ -23,6 +23,7 @@ from gradwatch.cadence import Cadence
 from gradwatch.config import Config
 from gradwatch.errors import ConfigError
 from gradwatch.findings import Action, Finding
+from gradwatch.journal import Journal, recent
 from gradwatch.judge import Judge
 from gradwatch.probes.probe_set import ProbeSet
 from gradwatch.read import read
@@ -57,14 +58,13 @@ class Monitor:
         self.detectors = cfg.detector_list
         self.cadence = Cadence(cfg.schedule, cfg.every_step, cfg.probe_every_n_steps)
         self.events_path = cfg.events_file
-        self.findings, self.actions = [], []  # every Finding and Action of the run, in order
         self.last_stats: Stats | None = None  # the latest host read's (what the detectors last judged)
-        self.sinks = SinkSet()
+        self.sinks, self.journal = SinkSet(), Journal()  # where findings go; what is kept of them (totals)
         self.steps_seen, self.last_step, self.last_epoch, self.summary_ranges = 0, -1, 0, Ranges()
         self.setup: dict[str, Any] = {}  # the training setup (precision, scaler, ...): the summary's "setup"
         snapshots = Snapshots.every(cfg.snapshot_every, keep=cfg.snapshots)
         self.remedy_ctx = RemedyContext(LRControl(), snapshots, BestWeights(), activity=self.unit_activity)
-        files = (self._publish, self.record_action, self._history, lambda: self.findings)
+        files = (self._publish, self.record_action, self._history, self.journal.evidence)
         self.responder = Responder(self.remedies, self.remedy_ctx, *files)
         self.guard = StepGuard(self.remedies, self.responder, MAX_PENDING_ROWS)
         self.remedy_ctx.skipping = self.guard.skip is not None
@@ -86,6 +86,7 @@ class Monitor:
             return remedy
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    findings, actions = recent("findings"), recent("actions")  # the last journal.RECENT, oldest first
     context = property(lambda self: self.remedy_ctx.context)
     lr = property(lambda self: self.remedy_ctx.lr)
     snapshots = property(lambda self: self.remedy_ctx.snapshots)
@@ -264,14 +265,14 @@ class Monitor:
 
     def _publish(self, findings: list[Finding]) -> None:
         for finding in findings:
-            self.findings.append(finding)
+            self.journal.add_finding(finding)
             self.sinks.finding(finding)
 
     def _history(self) -> list[Action]:  # what a give-up says was tried (a method: copies stay apart)
-        return self.actions + self.guard.pending
+        return self.journal.history() + self.guard.pending
 
     def record_action(self, action: Action) -> None:
-        self.actions.append(action)
+        self.journal.add_action(action)
         self.sinks.action(action)
 
     def finish(self, status: str = "finished") -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """A monitor's checkpoint state: what changes over a run, saved and loaded by name.
 
 Keys (``STATE_VERSION`` 1, unchanged by the core's rewrite, so older checkpoints load): ``detectors`` (by
-class name), ``remedies`` (by id), ``findings``, ``actions``, ``steps_seen``, ``last_step``,
+class name), ``remedies`` (by id), ``findings`` and ``actions`` (the most recent ``journal.RECENT`` of
+each), ``journal`` (the run's totals per rule and per remedy, :class:`gradwatch.journal.Tally`; rebuilt
+from ``findings`` and ``actions`` for a checkpoint without it), ``steps_seen``, ``last_step``,
 ``last_epoch``, ``ranges``, ``lr`` (the multiplier), ``best_val_loss``, ``best_step``, ``deferred``
 (findings judged while a checkpoint was written, answered at the next read), ``val_loss`` (a validation
 loss not yet judged), ``last_probe`` (the step of the last heavy probe). Fields missing from an older
@@ -29,6 +31,7 @@ def save(monitor: Any) -> dict[str, Any]:
         "remedies": {r.name: r.state_dict() for r in monitor.remedies},
         "findings": [f.to_dict() for f in monitor.findings],
         "actions": [a.to_dict() for a in monitor.actions],
+        "journal": monitor.journal.tally.state(),
         "steps_seen": monitor.steps_seen,
         "last_step": monitor.last_step,
         "last_epoch": monitor.last_epoch,
@@ -48,7 +51,8 @@ def fresh(monitor: Any) -> None:
     monitor.responder.new_run()
     monitor.judge.new_run()
     monitor.lr.new_run()
-    monitor.findings, monitor.actions, monitor.deferred = [], [], []
+    monitor.journal.clear()
+    monitor.deferred = []
     monitor.steps_seen, monitor.last_step, monitor.last_epoch = 0, -1, 0
     monitor.summary_ranges = Ranges()
     monitor.pending_val_loss = None
@@ -62,8 +66,11 @@ def load(monitor: Any, state: dict[str, Any]) -> None:
     for r in monitor.remedies:
         if r.name in state.get("remedies", {}):
             r.load_state_dict(state["remedies"][r.name])
-    monitor.findings = [Finding.from_dict(f) for f in state.get("findings", [])]
-    monitor.actions = [Action.from_dict(a) for a in state.get("actions", [])]
+    monitor.journal.load(
+        [Finding.from_dict(f) for f in state.get("findings", [])],
+        [Action.from_dict(a) for a in state.get("actions", [])],
+        state.get("journal"),
+    )
     monitor.steps_seen = state.get("steps_seen", 0)
     monitor.last_step = state.get("last_step", -1)
     monitor.last_epoch = state.get("last_epoch", 0)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradwatch import state
 from gradwatch.config import OPTIONS_DOC, Config
 from gradwatch.distributed import replicated, world_size
 from gradwatch.errors import ConfigError
@@ -158,12 +159,12 @@ class Watch:
     # ------------------------------------------------------------------ public attributes
     @property
     def findings(self) -> list[Finding]:
-        """Every finding so far, in order."""
+        """The most recent findings (``gradwatch.journal.RECENT``), oldest first: the summary counts all."""
         return self.monitor.findings
 
     @property
     def actions(self) -> list[Action]:
-        """Every remedy action so far, in order."""
+        """The most recent remedy actions (``gradwatch.journal.RECENT``), oldest first."""
         return self.monitor.actions
 
     @property
@@ -280,9 +281,13 @@ class Watch:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything that changes over a run: save it next to the model's and optimizer's state."""
+        """Everything that changes over a run: save it next to the model's and optimizer's state. Under DDP
+        rank zero may call it alone: it runs no collective and changes nothing (the state of the last read,
+        the same on every rank; the steps since are judged at the next read, not in a resumed run)."""
+        # Monitor.state_dict reads the pending steps first, an all-reduce: a rank saving alone would hang
+        monitor = self.monitor.state_dict() if world_size() <= 1 else state.save(self.monitor)
         return {
-            "monitor": self.monitor.state_dict(),
+            "monitor": monitor,
             "global_step": self.global_step,
             "epoch": self.epoch,
             "should_stop": self.should_stop,

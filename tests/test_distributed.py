@@ -388,3 +388,145 @@ def test_ddp_only_rank_zero_keeps_snapshots_and_a_rollback_broadcasts_them(tmp_p
     assert a0["step"] == a1["step"] == 26  # the batch end of step 25: global_step counts it already
     assert a0["weights"] == a1["weights"] == a0["snapshot"] and a1["snapshot"] is None
     assert r0["weights"] == r1["weights"] and r0["finite"] and r1["finite"]
+
+
+# ---------------------------------------------------------------------------- plain loops under DDP (Watch)
+def _spawn_within(worker, args: tuple, timeout: float) -> None:
+    """``worker(rank, *args)`` on 2 processes; a rank waiting forever on the other fails the test at
+    ``timeout`` (both processes are killed) instead of blocking the suite."""
+    import time
+
+    ctx = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the 2-process run hung past {timeout:.0f} s (a rank waited on the other)")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+
+
+def _plain_fit(rank: int, ckpt: str, save: bool, resume: bool) -> dict:
+    """A plain DDP loop under ``Watch`` (defaults, reads every 5 steps) for 40 steps, a loss spike at 30;
+    ``save``: rank zero alone saves a checkpoint at step 27, mid-way between two reads."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = DistributedDataParallel(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    watch = gradwatch.Watch(model, opt, every_n_steps=5, print_summary=False)
+    if resume:
+        saved = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        watch.load_state_dict(saved["watch"])
+    gen = torch.Generator().manual_seed(10 * rank)
+    for step in range(40):
+        x = torch.randn(16, 8, generator=gen)  # drawn for the steps a resumed run skips, too
+        if step < watch.global_step:
+            continue
+        opt.zero_grad()
+        loss = model(x).square().mean() * (40.0 if step == 30 else 1.0)
+        loss.backward()
+        watch.step(loss)
+        if save and rank == 0 and step == 27:  # the usual plain-DDP pattern: rank zero saves alone
+            state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "watch": watch.state_dict()}
+            torch.save(state, ckpt)
+    watch.close()
+    return {
+        "findings": [(f.rule, f.severity.value, f.step, f.layer) for f in watch.findings],
+        "actions": [(a.remedy, a.step, a.rule) for a in watch.actions],
+        "weights": [p.detach().double().sum().item() for p in net.parameters()],
+        "steps_seen": watch.monitor.steps_seen,
+        "last_step": watch.monitor.last_step,
+    }
+
+
+def _save_on_rank_zero_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    try:
+        ckpt = os.path.join(out_dir, "ckpt.pt")
+        res = {"plain": _plain_fit(rank, ckpt, save=False, resume=False)}
+        res["saved"] = _plain_fit(rank, ckpt, save=True, resume=False)
+        dist.barrier()  # rank zero's checkpoint is on disk
+        res["resumed"] = _plain_fit(rank, ckpt, save=False, resume=True)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_plain_ddp_loop_saving_on_rank_zero_alone_goes_on(tmp_path):
+    """``if rank == 0: torch.save({"watch": watch.state_dict(), ...})`` in a plain DDP loop: before, the
+    state_dict read the pending steps (an all-reduce) on rank 0 alone, which waited on rank 1 forever or
+    paired with its next collective. Now it runs no collective and changes nothing: both ranks finish,
+    alike, with the findings, actions and weights of a run that saved nothing; both resume from rank 0's
+    checkpoint alike, continuing its counts."""
+    _spawn_within(_save_on_rank_zero_worker, (_free_port(), str(tmp_path)), timeout=150)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for run in ("plain", "saved", "resumed"):
+        assert r0[run] == r1[run], run  # the ranks judged and acted alike
+    assert r0["saved"] == r0["plain"]  # saving changed nothing
+    assert ["clip_gradients", 30, "gradient_spike"] in r0["plain"]["actions"]  # JSON: lists
+    resumed, saved = r0["resumed"], r0["saved"]
+    assert resumed["last_step"] == 39 and resumed["steps_seen"] == saved["steps_seen"] - 2  # 26, 27: unread
+    assert resumed["findings"] == saved["findings"] and resumed["actions"] == saved["actions"]
+
+
+# ---------------------------------------------------------------------------- a sink that fails under DDP
+FULL_DISK = """
+import sys
+sys.path[:0] = {paths!r}
+import gradwatch
+import ddp_fit
+
+_HealthMonitor = gradwatch.HealthMonitor
+
+
+def _events_on_a_full_disk(**options):  # ddp_fit's monitor, its events file on /dev/full
+    return _HealthMonitor(**{{**options, "events_path": "/dev/full"}})
+
+
+gradwatch.HealthMonitor = _events_on_a_full_disk
+ddp_fit.main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+"""
+
+
+def test_ddp_events_file_that_cannot_be_written_is_logged_once_and_the_job_goes_on(tmp_path):
+    """Rank zero's events file is ``/dev/full`` (every write fails with ENOSPC): the 2-process DDP fit
+    finishes on both ranks, the failure is logged once (rank zero), both ranks still roll rank 1's NaN step
+    back alike, and the summary says the events file is incomplete instead of pointing at it as if whole."""
+    script = tmp_path / "ddp_full_disk.py"  # Lightning's launcher starts rank 1 from this file, too
+    script.write_text(FULL_DISK.format(paths=[ROOT, HERE, os.path.join(HERE, "scripts")]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(NAN_STEP), "auto"],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=150,  # a rank waiting forever on the other would hit this
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    failed = [line for line in output.splitlines() if "off for the rest of the run" in line]
+    assert len(failed) == 1 and "the events sink failed in finding (OSError" in failed[0], failed
+    assert [(a["remedy"], a["step"]) for a in r0["actions"]] == [("rollback", NAN_STEP)]
+    assert r0["actions"] == r1["actions"] and r0["findings"] == r1["findings"]
+    assert r0["weights"] == r1["weights"] and all(math.isfinite(w) for w in r0["weights"])
+    incomplete = "events: /dev/full (incomplete: nothing was written after the events sink failed in finding"
+    assert incomplete in output
+    assert output.count("gradwatch health summary") == 1

@@ -43,6 +43,8 @@ class SinkSet:
 
     def __init__(self, sinks: list[Sink] | None = None) -> None:
         self.sinks: list[Sink] = list(sinks or [])
+        #: sink name -> what failed (the call and the error): the summary says what was not written
+        self.failed: dict[str, str] = {}
         self.rows = Rows(50, self.scalars)
 
     def __bool__(self) -> bool:
@@ -57,12 +59,12 @@ class SinkSet:
                 getattr(sink, method)(*args)
             except Exception as err:  # a sink's failure must never stop training
                 self.sinks.remove(sink)
+                name = sink.name or type(sink).__name__
+                self.failed[name] = f"{method} ({type(err).__name__}: {err})"
                 log.warning(
-                    "gradwatch: the %s sink failed in %s (%s: %s); it is off for the rest of the run",
-                    sink.name or type(sink).__name__,
-                    method,
-                    type(err).__name__,
-                    err,
+                    "gradwatch: the %s sink failed in %s; it is off for the rest of the run",
+                    name,
+                    self.failed[name],
                 )
                 try:
                     sink.close()

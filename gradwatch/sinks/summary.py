@@ -1,4 +1,5 @@
-"""The end-of-fit health summary: built from findings and actions, rendered as one screen of text."""
+"""The end-of-fit health summary: built from the run's totals of findings and actions, rendered as one
+screen of text."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from typing import Any
 
 from gradwatch.findings import Action, Finding, Severity
+from gradwatch.journal import Tally
 
 
 class Ranges:
@@ -31,9 +33,8 @@ class Ranges:
 def run_summary(monitor: Any, status: str) -> dict[str, Any]:
     """The summary of a monitor's run (a :class:`gradwatch.monitor.Monitor`, read through its attributes)."""
     snapshots, best = monitor.snapshots, monitor.best
-    return build_summary(
-        monitor.findings,
-        monitor.actions,
+    return summarize(
+        monitor.journal.tally,  # the whole run's counts: monitor.findings holds only the most recent
         status=status,
         steps=monitor.last_step + 1,
         epochs=monitor.last_epoch + 1,
@@ -48,6 +49,7 @@ def run_summary(monitor: Any, status: str) -> dict[str, Any]:
         lr_multiplier=monitor.lr.multiplier,
         setup=monitor.setup,
         lr=_live_lr(monitor),
+        sink_errors=getattr(monitor.sinks, "failed", None),
     )
 
 
@@ -60,9 +62,14 @@ def _live_lr(monitor: Any) -> float | None:
     return float(lr) if isinstance(lr, int | float) else None
 
 
-def build_summary(
-    findings: list[Finding],
-    actions: list[Action],
+def build_summary(findings: list[Finding], actions: list[Action], **options: Any) -> dict[str, Any]:
+    """Group findings by rule (first step, count, worst severity, first layer) and actions by remedy;
+    ``options``: those of :func:`summarize`."""
+    return summarize(Tally.of(findings, actions), **options)
+
+
+def summarize(
+    tally: Tally,
     *,
     status: str,
     steps: int,
@@ -74,43 +81,26 @@ def build_summary(
     lr_multiplier: float = 1.0,
     setup: dict[str, Any] | None = None,
     lr: float | None = None,
+    sink_errors: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Group findings by rule (first step, count, worst severity, first layer) and actions by remedy.
+    """The summary of a run's :class:`~gradwatch.journal.Tally`: its rules (first step, count, worst
+    severity, first layer) and actions by remedy.
 
     ``memory``: what remedies hold (snapshots, best weights); ``lr_multiplier``: gradwatch's LR multiplier,
     written when it is not 1; ``setup``: the training setup (gradwatch.setups); ``lr``: the learning rate
-    at the end, as the optimizer steps with it (the effective LR)."""
-    rules: dict[str, dict[str, Any]] = {}
-    for f in findings:
-        row = rules.setdefault(
-            f.rule,
-            {
-                "rule": f.rule,
-                "severity": f.severity.value,
-                "first_step": f.step,
-                "count": 0,
-                "layer": f.layer,
-            },
-        )
-        row["count"] += 1
-        row["first_step"] = min(row["first_step"], f.step)
-        if f.severity.rank > Severity(row["severity"]).rank:
-            row["severity"] = f.severity.value
-    done: dict[str, dict[str, Any]] = {}
-    for a in actions:
-        row = done.setdefault(a.remedy, {"remedy": a.remedy, "first_step": a.step, "count": 0, "rules": []})
-        row["count"] += 1
-        if a.rule not in row["rules"]:
-            row["rules"].append(a.rule)
-    worst = max((Severity(r["severity"]).rank for r in rules.values()), default=-1)
+    at the end, as the optimizer steps with it (the effective LR); ``sink_errors``: sink name -> the call
+    that failed and the error (the sink wrote nothing after it: an events file that filled its disk is
+    incomplete)."""
+    rules = tally.rule_rows()
+    worst = max((Severity(r["severity"]).rank for r in rules), default=-1)
     verdict = {-1: "healthy", 0: "healthy", 1: "warnings", 2: "critical"}[worst]
     summary = {
         "status": status,
         "verdict": verdict,
         "steps": steps,
         "epochs": epochs,
-        "rules": sorted(rules.values(), key=lambda r: (r["first_step"], r["rule"])),
-        "actions": sorted(done.values(), key=lambda r: r["first_step"]),
+        "rules": rules,
+        "actions": tally.action_rows(),
         "remedies": remedies,
         "ranges": ranges,
         "events_path": events_path,
@@ -123,6 +113,8 @@ def build_summary(
         summary["lr"] = lr
     if setup is not None:
         summary["setup"] = dict(setup)
+    if sink_errors:
+        summary["sink_errors"] = dict(sink_errors)
     return summary
 
 
@@ -160,6 +152,11 @@ def render_summary(s: dict[str, Any]) -> str:
         lines.append(f"  learning rate at the end: {_fmt(s['lr'])}{scaled}")
     for name, r in s["ranges"].items():
         lines.append("  " + name + ": " + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items()))
+    failed = dict(s.get("sink_errors") or {})
     if s["events_path"]:
-        lines.append(f"  events: {s['events_path']}")
+        error = failed.pop("events", None)
+        lost = f" (incomplete: nothing was written after the events sink failed in {error})" if error else ""
+        lines.append(f"  events: {s['events_path']}{lost}")
+    for name, error in failed.items():
+        lines.append(f"  the {name} sink failed in {error}: it wrote nothing after that")
     return "\n".join(lines)
