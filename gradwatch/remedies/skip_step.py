@@ -98,8 +98,8 @@ class SkipStep(Remedy):
         on the host. Not with buffers, which a skipped step must put back. Not while a cooldown or a
         budget short of ``horizon`` (the most steps a read can lag) would make a skip wait or be refused.
         """
-        if world_size != 1 or len(optimizers) != 1 or self._buffers or self.leaked:
-            return False  # (leaked: this run makes non-finite steps; they are decided exactly)
+        if world_size != 1 or len(optimizers) != 1 or self._buffers:
+            return False
         opt = optimizers[0]
         return (
             type(opt) in (torch.optim.Adam, torch.optim.AdamW)
