@@ -4,9 +4,8 @@
 :meth:`~Monitor.bind` once a model exists; per batch :meth:`~Monitor.batch_start` before the forward,
 :meth:`~Monitor.pass_over` and (unless it says the step is passed over) :meth:`~Monitor.before_optimizer_step`
 with the gradients final, :meth:`~Monitor.batch_end` after the batch; :meth:`~Monitor.validation_end` with
-the validation loss; :meth:`~Monitor.finish` at the end. Per step the recorder keeps a few device tensors;
-they are read back in one stacked transfer on a scheduled step. Each part has one owner; see
-docs/architecture.md ("where is ...").
+the validation loss; :meth:`~Monitor.finish` at the end. Per step the recorder keeps a few device tensors,
+read back in one stacked transfer on a scheduled step. Each part has one owner: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -136,9 +135,10 @@ class Monitor:
         self.recorder.clear()
         self.cadence.reset()
 
-    def close(self) -> None:
+    def close(self) -> None:  # the end of a fit, validate or test: a loaded state was for that one
         self.unbind()
         self.sinks.close()
+        self._resumed = self._snapshot_at_start = False
 
     def pass_over(self, step: int, epoch: int) -> bool:
         """Whether optimizer step ``step`` goes unmeasured (``measure="scheduled"``, not a scheduled step).
@@ -147,14 +147,14 @@ class Monitor:
 
     def batch_start(self, step: int, batch: Any) -> None:
         """Before the forward: keep the buffers for skip_step; on a probe step, start the heavy probes."""
+        if self._snapshot_at_start:  # checkpoint and optimizer state are restored by the first batch
+            self._snapshot_at_start = False
+            self.responder.snapshot(step, self.detectors)
         if not self.config.every_step:
             if self.cadence.start_batch(step):
                 return  # measure="scheduled": nothing to prepare between the scheduled steps
         elif self.remedy_ctx.context is not None and not self.recorder.losses and self.recorder.open is None:
             self.guard.batch_start()  # the first batch of an optimizer step
-        if self._snapshot_at_start:  # checkpoint and optimizer state are restored by the first batch
-            self._snapshot_at_start = False
-            self.responder.snapshot(step)
         if self.probes is not None and self.cadence.probing(step):
             self.probes.start(step, batch)
 

@@ -60,6 +60,7 @@ def fresh(monitor: Any) -> None:
 
 
 def load(monitor: Any, state: dict[str, Any]) -> None:
+    monitor.snapshots.ring.clear()  # snapshots of this process's earlier fit are not the checkpoint's run
     for d in monitor.detectors:
         if type(d).__name__ in state.get("detectors", {}):
             d.load_state_dict(state["detectors"][type(d).__name__])

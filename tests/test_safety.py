@@ -13,6 +13,8 @@ from programs import FrozenTable, GaussianNLL, Reinforce
 from test_remedies import FireAt
 
 import gradwatch
+from gradwatch.detectors import Detector
+from gradwatch.findings import Finding
 from gradwatch.remedies.snapshots import MAX_SNAPSHOT_GAP
 from gradwatch.sinks.events import read_events
 
@@ -226,7 +228,6 @@ def test_finite_gradients_beyond_float32_squares_are_not_called_non_finite(tmp_p
 
 def test_gradient_evidence_for_a_divergence_is_recent_and_from_the_run_as_it_is():
     """A spike long before the rise, or one from steps a rollback discarded, is no evidence."""
-    from gradwatch.findings import Finding
     from gradwatch.remedies.responder import trend_only
 
     spike = Finding("gradient_spike", "warning", 100, 0, None, "spike", {}, "")
@@ -237,3 +238,78 @@ def test_gradient_evidence_for_a_divergence_is_recent_and_from_the_run_as_it_is(
     near = Finding("gradient_spike", "warning", 330, 0, None, "spike", {}, "")
     assert not trend_only(rise, [near, rise])
     assert trend_only(rise, [near, rise], not_before=350)  # a rollback at 350 discarded it
+
+
+# ------------------------------------------------------------------------ review: resume and snapshot edges
+def test_a_validate_from_a_checkpoint_does_not_make_the_next_fit_a_resume(tmp_path):
+    """trainer.validate(ckpt_path=...) loads the monitor's state without a fit: the next fit without a
+    checkpoint inherited it (findings, spent budgets, the LR multiplier)."""
+    train, val = digits_loaders()
+    monitor = gradwatch.HealthMonitor(
+        remedies=[gradwatch.remedies.ReduceLR(budget=1)],
+        detectors=[FireAt("exploding_gradients", {10})],
+        events_path=str(tmp_path / "events.jsonl"),
+    )
+    t = trainer(tmp_path, [monitor], logger=False, max_steps=30, max_epochs=-1)
+    model = DigitsMLP()
+    t.fit(model, train)
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    trainer(tmp_path, [monitor], logger=False).validate(model, val, ckpt_path=str(tmp_path / "a.ckpt"))
+    trainer(tmp_path, [monitor], logger=False, max_steps=30, max_epochs=-1).fit(DigitsMLP(), train)
+    assert (monitor.monitor.lr.multiplier, len(monitor.findings), len(monitor.actions)) == (0.5, 1, 1)
+
+
+def test_measure_scheduled_keeps_the_resumed_state_before_a_burst(tmp_path):
+    """With measure="scheduled" the first batch after a resume is passed over: the resume snapshot was
+    taken at the next scheduled step instead, with the NaN weights of the burst in it."""
+    train, _ = digits_loaders()
+    options = dict(measure="scheduled", remedies=["rollback"], detectors=None)
+    first = gradwatch.HealthMonitor(events_path=str(tmp_path / "a.jsonl"), **options)
+    t1 = trainer(tmp_path, [first], logger=False, max_steps=110, max_epochs=-1)
+    t1.fit(FrozenTable(), train)
+    t1.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = gradwatch.HealthMonitor(events_path=str(tmp_path / "b.jsonl"), **options)
+    model = FrozenTable(burst=(112, 113, 114))
+    trainer(tmp_path, [resumed], logger=False, max_steps=160, max_epochs=-1).fit(
+        model, train, ckpt_path=str(tmp_path / "mid.ckpt")
+    )
+    (rollback,) = rollbacks(resumed)
+    assert rollback.detail["restored_step"] == 110
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class OpenDivergence(Detector):
+    """A real rule plugin whose divergence warning opens at ``at`` and stays open (its rule id is set on
+    the instance: a class attribute would register it in place of the real rule)."""
+
+    def __init__(self, at: int) -> None:
+        self.rule, self.at = "divergence", at
+
+    def check(self, step, stats):
+        rec = stats.steps[-1]
+        if rec.step < self.at:
+            return []
+        finding = Finding(
+            "divergence", "warning", rec.step, rec.epoch, None, "rising", {"grad_ratio": 1.0}, ""
+        )
+        return self.report("diverge", finding)
+
+
+def test_no_snapshot_while_an_unstable_episode_is_young_and_again_once_it_is_old(tmp_path):
+    """A divergence under way left open (no evidence yet for a remedy) must not fill the ring with its
+    states; one open for longer than MAX_SNAPSHOT_GAP steps is the run's steady state."""
+    train, _ = digits_loaders()
+    monitor = gradwatch.HealthMonitor(
+        snapshot_every=20, detectors=[OpenDivergence(at=40)], events_path=str(tmp_path / "e.jsonl")
+    )
+    taken = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ring = monitor.monitor.snapshots.ring
+            if ring and (not taken or ring[-1].step != taken[-1]):
+                taken.append(ring[-1].step)
+
+    trainer(tmp_path, [monitor, Spy()], logger=False, max_steps=300, max_epochs=-1).fit(DigitsMLP(), train)
+    assert [s for s in taken if 40 <= s < 40 + MAX_SNAPSHOT_GAP] == []
+    assert taken[:2] == [0, 20] and any(s >= 40 + MAX_SNAPSHOT_GAP for s in taken)

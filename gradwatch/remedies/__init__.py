@@ -15,7 +15,8 @@ from gradwatch.remedies.reduce_lr import ReduceLR
 from gradwatch.remedies.reinitialize import Reinitialize
 from gradwatch.remedies.rollback import Rollback
 from gradwatch.remedies.skip_step import SkipStep
-from gradwatch.remedies.snapshots import BestWeights, SnapshotPolicy, Snapshots
+from gradwatch.remedies.snapshot_policy import SnapshotPolicy
+from gradwatch.remedies.snapshots import BestWeights, Snapshots
 
 from gradwatch.remedies.responder import LADDER, Responder  # isort: skip - after the remedies it orders
 from gradwatch.remedies.guard import StepGuard  # isort: skip

@@ -17,7 +17,8 @@ from gradwatch.remedies.base import Remedy
 from gradwatch.remedies.context import RemedyContext
 from gradwatch.remedies.early_stop import EarlyStop
 from gradwatch.remedies.rollback import Rollback
-from gradwatch.remedies.snapshots import BestWeights, SnapshotPolicy
+from gradwatch.remedies.snapshot_policy import SnapshotPolicy
+from gradwatch.remedies.snapshots import BestWeights
 from gradwatch.setups import needs_automatic_loop_message
 
 log = logging.getLogger("gradwatch")
@@ -201,12 +202,14 @@ class Responder:
             self.publish([out[0]])
             record(out[1])
 
-    def snapshot(self, step: int) -> bool:
-        """Keep the current state for rollback now (a resumed run's restored state: without it a NaN burst
-        before the first healthy read had nothing to go back to). Returns whether one was taken."""
+    def snapshot(self, step: int, detectors: list) -> bool:
+        """Keep the current state for rollback now, with the rules' state (a resumed run's restored state:
+        without it a NaN burst before the first healthy read had nothing to go back to). Returns whether
+        one was taken."""
         if self.snapshot_policy is None or self.ctx.context is None:
             return False
-        self.snapshot_policy.snapshots.take(step, self.ctx.context)
+        snap = self.snapshot_policy.snapshots.take(step, self.ctx.context)
+        snap.detectors = {type(d).__name__: d.state_dict() for d in detectors}
         return True
 
     def after_read(self, step: int, new: list[Finding], detectors: list, stats: object) -> None:

@@ -23,9 +23,9 @@ class Rollback(Remedy):
     The LR schedulers are not rewound and the optimizers keep their live learning rates: the schedule
     follows the steps the run has taken, and the user's own LR changes stay.
 
-    Snapshots are taken (:class:`~gradwatch.remedies.snapshots.SnapshotPolicy`) after reads whose own
-    steps were healthy (no unstable finding raised by the read, none open at critical, everything read
-    finite), every ``snapshot_every`` steps (default: every 20 at most, no more often than keeps the
+    Snapshots are taken (:class:`~gradwatch.remedies.snapshot_policy.SnapshotPolicy`) after reads whose
+    own steps were healthy (no unstable finding raised by the read, no unstable episode younger than 200
+    steps, everything read finite), every ``snapshot_every`` steps (default: every 20 at most, no more often than keeps the
     copying under 1% of the training time, and never more than 200 steps or 5% of the run apart, so a
     rollback loses a bounded amount of progress), copied to host memory, ``keep`` (2) of them; their
     size is in the summary. A resumed run keeps its restored state at its first batch. Answers

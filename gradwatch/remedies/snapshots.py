@@ -1,14 +1,12 @@
-"""Healthy states for rollback, the best weights for early stopping, and when a snapshot is taken.
+"""Healthy states for rollback and the best weights for early stopping, in host memory.
 
-:class:`Snapshots` is the ring of healthy states in host memory; :class:`SnapshotPolicy` decides after
-each read whether the run is healthy enough to keep one; :class:`BestWeights` holds the weights with the
-lowest validation loss.
+:class:`Snapshots` is the ring of healthy states; :class:`BestWeights` holds the weights with the lowest
+validation loss. When a snapshot is taken is the policy's (gradwatch/remedies/snapshot_policy.py).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +16,6 @@ import torch.distributed as dist
 from torch import nn
 
 from gradwatch import distributed
-from gradwatch.findings import Finding
 from gradwatch.remedies.context import Context
 
 #: With the default ``snapshot_every=None``: the most of the training time rollback snapshots may take.
@@ -241,57 +238,3 @@ class BestWeights:
     @property
     def nbytes(self) -> int:
         return _nbytes(self.state) if self.state else 0
-
-
-#: Rules that mean the run is unstable: no rollback snapshot is taken on a read that raised one, nor while
-#: one is open at critical.
-UNSTABLE = ("nonfinite", "gradient_spike", "loss_spike", "exploding_gradients", "divergence")
-
-
-def healthy(new: list[Finding], open_episodes: list[str], stats: Any) -> bool:
-    """Whether a read shows a state worth keeping for rollback: its own steps are healthy. No sign of
-    instability raised by this read, no unstable episode open at critical (``open_episodes``: their
-    severities), no non-finite loss, gradient or weight in what was read. A warning that stays open (a
-    missing ``zero_grad``, raw logits into ``nll_loss``) does not stop snapshots: otherwise every rollback
-    of such a run went back to its random initial weights. Lasting conditions that a rollback would not
-    cure (unnormalized inputs, a plateau, dead units) do not count against it either."""
-    if any(f.severity != "info" and f.rule in UNSTABLE for f in new):
-        return False
-    if any(sev == "critical" for sev in open_episodes):
-        return False
-    if stats is None:
-        return True
-    if any(r.grad_nonfinite or (r.loss is not None and not math.isfinite(r.loss)) for r in stats.steps):
-        return False
-    return all(math.isfinite(v) for v in stats.weight_norm.values())
-
-
-class SnapshotPolicy:
-    """Takes a snapshot after a read when one is due (:meth:`Snapshots.due`) and the read is
-    :func:`healthy`. Every rank keeps snapshots at the same steps: the step counts and the health are
-    the same on every rank (the read is all-reduced); where the time budget decides, which each rank
-    measures for itself, the ranks decide together: due when it is due on every rank (one all-reduce of
-    a flag, ``Context.reduce_any``, on those reads only)."""
-
-    def __init__(self, snapshots: Snapshots) -> None:
-        self.snapshots = snapshots
-
-    def after_read(self, step: int, new: list[Finding], detectors: list[Any], stats: Any, ctx: Any) -> None:
-        training, snaps = ctx.context, self.snapshots
-        due = snaps.due_by_steps(step) if training is not None else False
-        if due is False:
-            return
-        episodes = [sev for d in detectors if d.rule in UNSTABLE for sev in getattr(d, "active", {}).values()]
-        if not healthy(new, episodes, stats):
-            return
-        if due is None:  # the time budget: each rank's own, so due when due on every rank
-            due = snaps.within_budget()
-            if training.world_size > 1:
-                if not distributed.together():
-                    return  # a rank reading alone (a failing run's end): no collective, no snapshot
-                due = not training.reduce_any(not due)
-            if not due:
-                return
-        lr = stats.steps[-1].lr if stats is not None and stats.steps else None
-        snap = snaps.take(step, training, lr if lr is not None else math.nan)
-        snap.detectors = {type(d).__name__: d.state_dict() for d in detectors}
