@@ -103,19 +103,19 @@ class HealthMonitorHooks:
         self.monitor = Monitor(self.config)
         self.val_loss_key = self.config.val_loss_key
         self.name = self.config.name
-        self._progress = ProgressStatus(lambda: self.monitor.findings)
+        self._progress = ProgressStatus(lambda: self.monitor.journal.tally.severities)
         self._fitting = False
         self._scaler: Any = None  # the trainer's GradScaler, looked up once per fit
 
     # ------------------------------------------------------------------ public attributes
     @property
     def findings(self):  # noqa: ANN201 - list[Finding]
-        """Every finding so far, in order."""
+        """The most recent findings, in order (`gradwatch.journal.RECENT` of them; the summary counts all)."""
         return self.monitor.findings
 
     @property
     def actions(self):  # noqa: ANN201 - list[Action]
-        """Every remedy action so far, in order."""
+        """The most recent remedy actions, in order (`journal.RECENT` of them; the summary counts all)."""
         return self.monitor.actions
 
     @property

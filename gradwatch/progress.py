@@ -10,7 +10,7 @@ public) on that instance only, and removes the wrapper at fit end. No private at
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gradwatch.findings import Finding, Severity
@@ -42,27 +42,19 @@ class ProgressStatus:
     """Adds ``health`` to the items of a Lightning progress bar while attached.
 
     Args:
-        findings: returns the findings so far, in order, a list that only grows (called on each
-            refresh of the bar). Each refresh counts only the findings added since the last one; a
-            different or shorter list (a resumed run's) is counted anew.
+        counts: returns the run's findings so far by severity (``{"warning": 2, ...}``: the journal's
+            running totals, called on each refresh of the bar). Reading totals costs the same after a
+            million findings as after one, and keeps counting past the recent findings a monitor holds.
     """
 
-    def __init__(self, findings: Callable[[], Sequence[Finding]]) -> None:
-        self._findings = findings
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
         self._bar: Any = None
-        self._counted: Sequence[Finding] | None = None  # the list counted so far, and its first `_seen`
-        self._seen = self._crit = self._warn = 0
 
     def status(self) -> str:
-        """What the bar shows now: :func:`health_status` of the findings so far, counted incrementally."""
-        findings = self._findings()
-        if findings is not self._counted or len(findings) < self._seen:
-            self._counted, self._seen, self._crit, self._warn = findings, 0, 0, 0
-        new = findings[self._seen :]
-        self._crit += sum(f.severity == Severity.CRITICAL for f in new)
-        self._warn += sum(f.severity == Severity.WARNING for f in new)
-        self._seen += len(new)
-        return _status(self._crit, self._warn)
+        """What the bar shows now: the counts of warning and critical findings so far."""
+        counts = self._counts()
+        return _status(counts.get(Severity.CRITICAL.value, 0), counts.get(Severity.WARNING.value, 0))
 
     def attach(self, trainer: Any) -> None:
         """Wrap ``trainer.progress_bar_callback.get_metrics``; a trainer without a bar is left alone."""
