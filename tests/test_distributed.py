@@ -367,6 +367,17 @@ def test_ddp_activations_of_a_module_one_rank_ran_are_reduced_by_name(tmp_path):
         assert acts["extra.1"][0] == "tanh" and acts["act"][0] == "relu"
 
 
+def test_ddp_reinitialize_on_a_module_one_rank_ran_acts_on_no_rank(tmp_path):
+    """Dead units in a branch only rank 0 runs: the finding is the same on both ranks (reduced by name),
+    but rank 1 holds no activity for the module. Rank 0 went into the all-reduce of the activity alone and
+    waited for ever; now the ranks agree first, and act together or not at all."""
+    r0, r1 = _health(tmp_path, "deadbranch")
+    assert r0["findings"] == r1["findings"]
+    assert any(rule == "dead_units" and layer.startswith("extra") for rule, _, _, layer, _ in r0["findings"])
+    reinit = [[a for a in r["actions"] if a["remedy"] == "reinitialize"] for r in (r0, r1)]
+    assert reinit[0] == reinit[1] == []
+
+
 def test_ddp_only_rank_zero_keeps_snapshots_and_a_rollback_broadcasts_them(tmp_path):
     """The defaults, rank 1 alone gets a NaN batch at step 25: both ranks roll back at the same step to
     the snapshot of step 20 (taken when due on every rank: the time budget decided together). Rank 0

@@ -165,10 +165,10 @@ class Reinitialize(Remedy):
     ) -> dict[str, Any] | None:
         activity = ctx.unit_activity(layer)
         producer = named.get(pair.producer) if pair is not None and pair.producer else None
-        if activity is None or not isinstance(producer, WEIGHTED):
-            return None
-        units = _units_out(producer)
-        if activity.numel() != units:
+        units = _units_out(producer) if isinstance(producer, WEIGHTED) else -1
+        # every rank acts, or none: a module that ran on one rank only (a branch) has no activity on the
+        # others, and a rank alone in the all-reduce below would wait for ever
+        if ctx.context.reduce_any(activity is None or activity.numel() != units):
             return None
         activity = mean_over_ranks(activity)  # every rank must re-initialize the same units
         dead = torch.nonzero(activity < DEAD_RATE).flatten().cpu()  # sync: acting, rare

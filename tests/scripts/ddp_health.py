@@ -5,6 +5,8 @@ Usage: ``python ddp_health.py OUT_DIR SCENARIO``:
 - ``branch``: a module (``extra``: Linear + Tanh) runs on rank 0 only; every step is read and probed. Each
   rank writes the activation statistics gradwatch read, and its own summaries of every watched module's
   output (the reference), to ``OUT_DIR/rank<r>.json``.
+- ``deadbranch``: the defaults; a branch (``extra``: Linear with its bias at -10, then ReLU: every unit
+  dead) runs on rank 0 only, so reinitialize is asked about a module one rank never ran.
 - ``rollback``: the defaults (``remedies="auto"``, the deferred skip decision); rank 1 alone gets a NaN
   batch at step ``NAN_STEP``. Each rank writes its snapshot ring (how many tensors each entry holds), the
   peak snapshot bytes, its actions, and bit-exact checksums of its weights right after the rollback and
@@ -54,11 +56,14 @@ def main(out_dir: str, scenario: str) -> None:
             self.fc1, self.act = nn.Linear(64, 32), nn.ReLU()
             if scenario == "branch":  # a branch taken on rank 0 only
                 self.extra = nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+            if scenario == "deadbranch":  # ... whose units are all dead
+                self.extra = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
+                nn.init.constant_(self.extra[0].bias, -10.0)
             self.fc2 = nn.Linear(32, 10)
 
         def forward(self, x):
             h = self.act(self.fc1(x))
-            if scenario == "branch" and self.global_rank == 0:
+            if scenario in ("branch", "deadbranch") and self.global_rank == 0:
                 h = self.extra(h)
             return self.fc2(h)
 
@@ -120,7 +125,7 @@ def main(out_dir: str, scenario: str) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_find_unused_parameters_true" if scenario == "branch" else "ddp",
+        strategy="ddp_find_unused_parameters_true" if scenario.endswith("branch") else "ddp",
         max_steps=STEPS,
         callbacks=[mon, Keep()],
         logger=False,
