@@ -222,6 +222,8 @@ class ZooModule(pl.LightningModule):
             )
         elif self.schedule == "step":
             factor = 0.5 ** (s // max(total // 3, 1))
+        elif self.schedule == "epoch_cosine_per_step":  # CosineAnnealingLR(T_max=6 epochs) stepped per batch
+            factor = 0.5 * (1 + math.cos(math.pi * s / 6))
         if jump and s >= jump[0]:
             factor *= jump[1]
         return factor
@@ -328,6 +330,8 @@ SCENARIOS: list[Scenario] = [
              expected=("unnormalized_inputs",), onset=0, kind="early"),
     Scenario("lr_far_too_low", "digits", _digits_mlp(), "adam", 1e-7, 12,
              expected=("loss_plateau", "update_ratio"), onset=0),
+    Scenario("lr_schedule_per_batch", "digits", _digits_mlp(), "momentum", 0.05, 6, schedule="epoch_cosine_per_step",
+             expected=("lr_collapsed",), onset=0, kind="early"),
     Scenario("detached_first_layer", "digits", _digits_mlp(), "adam", 1e-3, 2, faults=Faults(detach_first=True),
              expected=("frozen_weights",), onset=0),
     Scenario("first_layer_lr_zero", "digits", _digits_mlp(), "adam", 1e-3, 2, faults=Faults(freeze_first_lr=True),

@@ -31,6 +31,7 @@ WITNESS = {
     "frozen_weights": "detached_first_layer",
     "loss_plateau": "lr_far_too_low",
     "overfitting": "overfit_small_train_set",
+    "lr_collapsed": "lr_schedule_per_batch",
 }
 
 
