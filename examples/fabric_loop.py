@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"rank {fabric.global_rank}: weights finite {all(bool(p.isfinite().all()) for p in model.parameters())}"
     )
-    # rollback snapshots: every rank keeps the same ones (a step cadence, not each rank's clock)
+    # rollback snapshots: every rank marks the same steps (decided together); under DDP rank 0 alone holds
+    # the copies, and a rollback broadcasts them
     print(f"rank {fabric.global_rank}: snapshots at steps {[s.step for s in watch.monitor.snapshots.ring]}")
 
 

@@ -51,7 +51,9 @@ class SkipStep(Remedy):
     LR schedulers stay in step. A NaN batch also poisons BatchNorm's running statistics in its forward
     pass, so in this mode the model's buffers are copied at the start of each step (on device, no sync)
     and put back when the step is skipped. After ``max_consecutive`` skipped steps in a row the guard
-    (remedies/guard.py) escalates to ``rollback``.
+    (remedies/guard.py) escalates to ``rollback``. A finite gradient whose float32 squares overflow
+    (a norm above ~1.8e19) is told apart from a non-finite one here, by its norm recomputed in float64;
+    the device flag of a fused optimizer cannot tell them apart and skips such a step.
 
     Under an fp16 GradScaler the scaler already skips such steps (and calibrates its scale with them),
     so this remedy stands aside there; under bf16 nothing else would.

@@ -43,7 +43,7 @@ def run_summary(monitor: Any, status: str) -> dict[str, Any]:
         events_path=monitor.events_path,
         memory={
             "snapshot_mib": round(snapshots.peak_bytes / 2**20, 3),
-            "snapshots_kept": len(snapshots.ring),
+            "snapshots_kept": sum(s.held for s in snapshots.ring),  # copies this rank holds
             "best_weights_mib": round(best.nbytes / 2**20, 3),
         },
         lr_multiplier=monitor.lr.multiplier,
