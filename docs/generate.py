@@ -38,7 +38,9 @@ def rules() -> str:
         "A rule is a `Detector` (one module in `gradwatch/detectors/`): a pure `check(step, stats) -> list[Finding]`",
         "with its state in `state_dict()`. Findings are de-duplicated by episode: one when a condition starts,",
         "one when it worsens (higher severity), an `info` one when it ends. Thresholds are constructor",
-        "arguments: `HealthMonitor(detectors=[GradientSpike(z=6), ...])` replaces the default set.",
+        "arguments: `HealthMonitor(detectors=[GradientSpike(z=6), ...])` replaces the default set. Each section",
+        "says what the rule assumes about the signal it judges; `HealthMonitor(loss=...)` declares what the",
+        'training loss is (`"minimize"`, `"signed"`, `"surrogate"`: see docs/monitor.md).',
         "",
         "| rule | class | answered by |",
         "|---|---|---|",
@@ -58,6 +60,9 @@ def rules() -> str:
             "",
             _doc(cls),
         ]
+        if getattr(cls, "assumes", ""):
+            kinds = ", ".join(f'`"{k}"`' for k in getattr(cls, "loss_kinds", ()))
+            out += ["", f"**Assumes.** {cls.assumes} Judged for `loss=` {kinds}."]
         advice = getattr(cls, "advice", "")
         if advice:
             out += ["", f"**Advice.** {advice}"]

@@ -31,6 +31,8 @@ class Detector:
     rule: ClassVar[str] = ""
     state_fields: ClassVar[tuple[str, ...]] = ()
     advice: ClassVar[str] = ""
+    #: What the rule assumes about the signal it judges (docs/rules.md prints it).
+    assumes: ClassVar[str] = ""
     #: The ``loss=`` kinds this rule judges (rules that read the training loss's trend leave out
     #: ``"surrogate"``: such a loss is not a progress measure). The monitor sets :attr:`loss_kind`.
     loss_kinds: ClassVar[tuple[str, ...]] = ("minimize", "signed", "surrogate")

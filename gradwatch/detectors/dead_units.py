@@ -29,6 +29,10 @@ class DeadUnits(Detector):
     """
 
     rule = "dead_units"
+    assumes = (
+        "A ReLU unit should be active on some samples of a batch; one silent on 99% of them passes no "
+        "gradient. Small batches make the fraction noisy, hence two checks (or every unit dead at once)."
+    )
     state_fields = ("streaks",)
     advice = (
         "These ReLU units output zero for every input, so they pass no gradient and never recover: the "

@@ -54,6 +54,12 @@ class Divergence(Detector):
     """
 
     rule = "divergence"
+    assumes = (
+        "The loss is a progress measure: lower is better (`minimize`: ratios to the best are meaningful while "
+        "it stays >= 0; `signed`: it may be negative, judged by the share of progress lost), and its noise at "
+        "its best window is the scale a real rise must exceed. Not run on a surrogate loss (policy gradients, "
+        "GANs). A rise alone moves no remedy."
+    )
     loss_kinds = ("minimize", "signed")
     state_fields = ("recent", "best", "initial", "streak", "grads", "grad_best", "best_step", "noise")
     advice = (

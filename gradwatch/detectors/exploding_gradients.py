@@ -27,6 +27,12 @@ class ExplodingGradients(Detector):
     """
 
     rule = "exploding_gradients"
+    assumes = (
+        "On a healthy run the gradient norm's trend settles after warm-up. A 10x rise counts only while the "
+        "loss gets worse, judged by the declared loss kind (a ratio for a positive minimized loss, the share "
+        "of progress lost for a signed one, never for a surrogate); 1000x counts whatever the loss does. "
+        "Norms that grow by design while the loss falls (a Gaussian NLL whose variance shrinks) are healthy."
+    )
     state_fields = ("g", "loss", "g_min", "loss_best", "streak", "loss_initial")
     advice = (
         "Gradients have been growing by orders of magnitude while the loss gets worse: the learning rate "
@@ -94,10 +100,14 @@ class ExplodingGradients(Detector):
                     "loss": self.loss.mean,
                     "loss_best": self.loss_best,
                 }
+                loss = (  # say what the loss did: a 1000x growth fires whatever it does
+                    f"while the loss rose to {self.loss.mean:.4g} (best {self.loss_best:.4g})"
+                    if self._worse()
+                    else f"(the loss is {self.loss.mean:.4g}, best {self.loss_best:.4g})"
+                )
                 message = (
                     f"gradient norm trend grew {growth:.3g}x (from {evidence['grad_norm_min']:.3g} to "
-                    f"{evidence['grad_norm']:.3g}) over the run while the loss rose to {self.loss.mean:.4g} "
-                    f"(best {self.loss_best:.4g})"
+                    f"{evidence['grad_norm']:.3g}) over the run {loss}"
                 )
                 out += self.report(
                     "explode", self.finding(severity, rec.step, rec.epoch, None, message, evidence)

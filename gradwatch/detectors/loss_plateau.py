@@ -24,6 +24,10 @@ class LossPlateau(Detector):
     """
 
     rule = "loss_plateau"
+    assumes = (
+        "The loss is a progress measure that improves by 1% (relative) within 200 steps while the model "
+        "learns. Not run on a surrogate loss."
+    )
     loss_kinds = ("minimize", "signed")
     state_fields = ("loss", "best", "initial", "since")
     advice = (

@@ -19,6 +19,10 @@ class LossSpike(SpikeDetector):
     """
 
     rule = "loss_spike"
+    assumes = (
+        "The loss is positive and minimized, so a spike is a multiple of its level (log scale). Not run for "
+        '`loss="signed"` or `"surrogate"`.'
+    )
     loss_kinds = ("minimize",)  # log-scale outliers mean nothing for a loss that crosses zero
     what = "training loss"
     advice = (

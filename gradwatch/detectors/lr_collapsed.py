@@ -30,12 +30,16 @@ class LRCollapsed(Detector):
     """
 
     rule = "lr_collapsed"
+    assumes = (
+        "The LR of the first param group of the first optimizer is the run's; a positive minimized loss whose "
+        'value at the start gives the scale of "learned".'
+    )
     loss_kinds = ("minimize",)
     state_fields = ("lr_max", "loss", "initial", "steps")
     advice = (
         "The learning rate is ~0 while the model has barely learned: most often a per-epoch scheduler is "
-        "stepped every batch. In Lightning, return the scheduler with \"interval\": \"epoch\" (the default) "
-        "instead of \"step\", or size it in steps (T_max / step_size = total optimizer steps); in a plain "
+        'stepped every batch. In Lightning, return the scheduler with "interval": "epoch" (the default) '
+        'instead of "step", or size it in steps (T_max / step_size = total optimizer steps); in a plain '
         "loop, call scheduler.step() once per epoch. Check the LR curve in TensorBoard."
     )
 

@@ -67,6 +67,10 @@ class NonFinite(Detector):
     """
 
     rule = "nonfinite"
+    assumes = (
+        "Any NaN or Inf in the loss, a gradient or a weight is a fault, whatever the program, except the "
+        "steps an fp16 GradScaler skips on purpose (its calibration: `info`)."
+    )
     #: The advice for non-finite gradients; a non-finite loss, weights or loss scale get their own
     #: (``ADVICE_LOSS``, ``ADVICE_WEIGHTS``, ``ADVICE_SCALE_COLLAPSE``), chosen per finding.
     advice = ADVICE_GRADS

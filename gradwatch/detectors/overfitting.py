@@ -25,6 +25,10 @@ class Overfitting(Detector):
     """
 
     rule = "overfitting"
+    assumes = (
+        "A validation loss is logged (`val_loss` or `val_loss_key`) for the same objective as the training "
+        "loss, and lower is better for both."
+    )
     state_fields = ("train", "val_best", "train_at_best", "train_first", "streak")
     advice = (
         "Validation loss is rising while training loss keeps falling: the model is memorizing the training "

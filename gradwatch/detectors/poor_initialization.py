@@ -47,6 +47,11 @@ class PoorInitialization(Detector):
     """
 
     rule = "poor_initialization"
+    assumes = (
+        "Judged once, at the first read within 10 steps: the scale of hidden pre-activations (those an "
+        "activation module follows) through depth. PyTorch's default, He and Xavier keep the per-layer factor "
+        "at 0.40-0.81 (measured); output heads are left out."
+    )
     state_fields = ("seen",)
     advice = (
         "Activation scale changes by a large factor at every layer, so signals explode or vanish with depth "

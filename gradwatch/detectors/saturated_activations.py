@@ -23,6 +23,10 @@ class SaturatedActivations(Detector):
     """
 
     rule = "saturated_activations"
+    assumes = (
+        "tanh/sigmoid modules (and their hard variants): an output beyond 0.99 passes almost no gradient, so "
+        "most outputs there for two checks is a fault, not a phase."
+    )
     state_fields = ("streaks",)
     advice = (
         "Most outputs of this activation sit on its flat parts, where the gradient is ~0, so the layers "

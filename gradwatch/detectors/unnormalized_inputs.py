@@ -19,6 +19,11 @@ class UnnormalizedInputs(Detector):
     """
 
     rule = "unnormalized_inputs"
+    assumes = (
+        "The first floating tensor of a batch is what the model reads, and a well-prepared input has |mean| "
+        "and std within 4 and max |x| within 100. Fixed bounds for now; token ids and sparse inputs are not "
+        "judged as floats."
+    )
     advice = (
         "Inputs are far from a normalized range, which makes the first layer's effective learning rate "
         "huge for large features and tiny for small ones, saturates activations and slows or breaks "

@@ -32,6 +32,11 @@ class UpdateRatio(Detector):
     """
 
     rule = "update_ratio"
+    assumes = (
+        "A healthy step moves a layer's weights by 1e-5 to 1e-1 of their norm (the rule of thumb is ~1e-3). "
+        "Embeddings, biases and norm layers can sit outside that band on healthy runs; the band is not yet "
+        "per layer type."
+    )
     state_fields = ("streaks", "last_lr")
 
     def __init__(self, low: float = 1e-5, high: float = 1e-1, persist: int = 3) -> None:

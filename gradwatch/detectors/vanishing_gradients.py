@@ -22,6 +22,10 @@ class VanishingGradients(Detector):
     """
 
     rule = "vanishing_gradients"
+    assumes = (
+        "Layers in `named_parameters` order run from input to output; in a deep stack the first layer's "
+        "gradient at 1e-3 of the last's, while the loss stalls, means the early layers do not learn."
+    )
     state_fields = ("streak", "prev_loss")
     advice = (
         "The early layers receive almost no gradient, so they barely learn: saturating activations "
