@@ -177,6 +177,8 @@ class Faults:
     lr_jump_at: tuple[int, float] | None = None  # LR multiplied by a factor from that step on
     detach_first: bool = False  # the first layer's output is detached: it never gets a gradient
     freeze_first_lr: bool = False  # the first layer is in a param group with lr 0
+    eval_mode: bool = False  # model.eval() left on before fit: dropout off, BatchNorm on running statistics
+    decay_group_only: bool = False  # the optimizer gets only the weight-decay group: biases, norms left out
 
 
 class ZooModule(pl.LightningModule):
@@ -186,6 +188,8 @@ class ZooModule(pl.LightningModule):
         super().__init__()
         self.model, self.opt, self.lr, self.schedule, self.faults = model, opt, lr, schedule, faults
         self.total_steps = total_steps
+        if faults.eval_mode:
+            self.eval()  # Lightning keeps the mode a model has when fit starts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.faults.detach_first and isinstance(self.model, nn.Sequential):
@@ -234,6 +238,8 @@ class ZooModule(pl.LightningModule):
             first = list(self.model[0].parameters())
             rest = [p for p in self.parameters() if all(p is not q for q in first)]
             params = [{"params": first, "lr": 0.0}, {"params": rest}]
+        if self.faults.decay_group_only:  # the no-decay group (biases, BatchNorm parameters) was lost
+            params = [p for p in self.parameters() if p.ndim >= 2]
         opt = {
             "sgd": lambda: torch.optim.SGD(params, lr=self.lr),
             "momentum": lambda: torch.optim.SGD(params, lr=self.lr, momentum=0.9),
@@ -336,6 +342,10 @@ SCENARIOS: list[Scenario] = [
              expected=("frozen_weights",), onset=0),
     Scenario("first_layer_lr_zero", "digits", _digits_mlp(), "adam", 1e-3, 2, faults=Faults(freeze_first_lr=True),
              expected=("frozen_weights",), onset=0),
+    Scenario("cnn_bn_eval_mode", "digits_img", cnn_bn, "adam", 3e-3, 2, batch_size=32, faults=Faults(eval_mode=True),
+             expected=("eval_mode_training",), onset=0, kind="early"),
+    Scenario("cnn_bn_no_decay_group", "digits_img", cnn_bn, "adamw", 3e-3, 2, batch_size=32,
+             faults=Faults(decay_group_only=True), expected=("unoptimized_parameters",), onset=0, kind="early"),
     Scenario("overfit_small_train_set", "digits_small", _digits_mlp(nn.ReLU, (512, 512)), "adam", 3e-3, 60,
              batch_size=16, expected=("overfitting",), onset="val_min", recoverable=True),
     # ---- healthy

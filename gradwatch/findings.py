@@ -26,6 +26,8 @@ RULES: tuple[str, ...] = (
     "update_ratio",
     "frozen_weights",
     "lr_collapsed",
+    "eval_mode_training",
+    "unoptimized_parameters",
 )
 
 REMEDIES: tuple[str, ...] = (

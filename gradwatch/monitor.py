@@ -121,7 +121,7 @@ class Monitor:
         self.guard.bind(model)
         if context is not None:
             self.lr.attach(context.optimizers(), context.schedulers())
-        self.probes = ProbeSet(model, self.config.activations, self.config.inputs)
+        self.probes = ProbeSet(model, self.activations, self.inputs, context and context.optimizers)
         self.sinks = SinkSet(sinks)
         names = {**self.probes.names(self.config.per_layer), "every_step": self.config.every_step}
         self.sinks.start({**names, **meta})

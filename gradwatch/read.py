@@ -63,6 +63,7 @@ def read(
     host = transfer.read(across_ranks=across_ranks, sharded=layout.sharded)
     read_alone(not across_ranks)  # what follows this read (a rollback, a snapshot) may wait on the ranks
     stats = build_stats(rows, host, layout, acts, val_loss)
+    stats.model_setup = probes.setup.settle(host)  # host-side: module modes, requires_grad, optimizers
     return Read(stats, host.get("clips"))
 
 

@@ -93,6 +93,35 @@ class InputStats:
 
 
 @dataclass
+class ModelSetup:
+    """How the model is set up for training at a read (``gradwatch/probes/model_setup.py``): module modes,
+    ``requires_grad`` flags and which parameters the optimizers hold are Python attributes, read on the
+    host for free; BatchNorm running statistics ride along on the read's one transfer.
+
+    Attributes:
+        eval_regions: modules in eval mode while the model trains, by the module ``.eval()`` was called on
+            (the highest one in eval mode; ``""``: the whole model) -> its Dropout / BatchNorm modules that
+            act as at inference (``"name (Class)"``). Modules frozen on purpose are left out.
+        running_stats: norm layers in training mode that keep running statistics -> (``num_batches_tracked``,
+            ``||running_mean|| + ||running_var||``), read with the rest.
+        frozen_layers: layers whose parameters are all ``requires_grad=False`` now (frozen on purpose).
+        unheld_layers: layers none of whose trainable parameters an optimizer holds -> whether the layer's
+            module is in eval mode (empty when the optimizers are not known).
+        unoptimized: parameters with ``requires_grad=True`` that no optimizer holds -> (layer, elements,
+            its module is in eval mode, it has a gradient now).
+        foreign: (tensors, elements) the optimizers hold that are parameters of no module of the model and
+            get no gradient (an optimizer built from another model instance, or before a module was replaced).
+    """
+
+    eval_regions: dict[str, list[str]] = field(default_factory=dict)
+    running_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    frozen_layers: list[str] = field(default_factory=list)
+    unheld_layers: dict[str, bool] = field(default_factory=dict)
+    unoptimized: dict[str, tuple[str, int, bool, bool]] = field(default_factory=dict)
+    foreign: tuple[int, int] = (0, 0)
+
+
+@dataclass
 class Stats:
     """Everything gradwatch knows at a scheduled step; what ``Detector.check`` receives.
 
@@ -106,6 +135,7 @@ class Stats:
         activations: per-module :class:`ActivationStats` of the scheduled step's forward pass.
         inputs: :class:`InputStats` of the scheduled step's batch.
         val_loss: the validation loss of the latest validation run, if one was logged since the last read.
+        model_setup: :class:`ModelSetup` at this read (module modes, frozen layers, optimizer membership).
     """
 
     step: int
@@ -117,6 +147,7 @@ class Stats:
     activations: dict[str, ActivationStats] = field(default_factory=dict)
     inputs: InputStats | None = None
     val_loss: float | None = None
+    model_setup: ModelSetup | None = None
 
 
 class Transfer:

@@ -32,6 +32,8 @@ WITNESS = {
     "loss_plateau": "lr_far_too_low",
     "overfitting": "overfit_small_train_set",
     "lr_collapsed": "lr_schedule_per_batch",
+    "eval_mode_training": "cnn_bn_eval_mode",
+    "unoptimized_parameters": "cnn_bn_no_decay_group",
 }
 
 

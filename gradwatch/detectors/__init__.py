@@ -7,6 +7,7 @@ order of :data:`gradwatch.findings.RULES`.
 from gradwatch.detectors.base import REGISTRY, Detector
 from gradwatch.detectors.dead_units import DeadUnits
 from gradwatch.detectors.divergence import Divergence
+from gradwatch.detectors.eval_mode_training import EvalModeTraining
 from gradwatch.detectors.exploding_gradients import ExplodingGradients
 from gradwatch.detectors.frozen_weights import FrozenWeights
 from gradwatch.detectors.gradient_spike import GradientSpike
@@ -18,6 +19,7 @@ from gradwatch.detectors.overfitting import Overfitting
 from gradwatch.detectors.poor_initialization import PoorInitialization
 from gradwatch.detectors.saturated_activations import SaturatedActivations
 from gradwatch.detectors.unnormalized_inputs import UnnormalizedInputs
+from gradwatch.detectors.unoptimized_parameters import UnoptimizedParameters
 from gradwatch.detectors.update_ratio import UpdateRatio
 from gradwatch.detectors.vanishing_gradients import VanishingGradients
 from gradwatch.findings import RULES
@@ -33,6 +35,7 @@ __all__ = [
     "DeadUnits",
     "Detector",
     "Divergence",
+    "EvalModeTraining",
     "ExplodingGradients",
     "FrozenWeights",
     "GradientSpike",
@@ -44,6 +47,7 @@ __all__ = [
     "PoorInitialization",
     "SaturatedActivations",
     "UnnormalizedInputs",
+    "UnoptimizedParameters",
     "UpdateRatio",
     "VanishingGradients",
     "default_detectors",

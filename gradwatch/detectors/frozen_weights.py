@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gradwatch.detectors.base import Detector, check_count
 from gradwatch.findings import Finding, Severity
-from gradwatch.stats import Stats
+from gradwatch.stats import ModelSetup, Stats
 
 
 class FrozenWeights(Detector):
@@ -13,7 +13,14 @@ class FrozenWeights(Detector):
     Statistic: per layer on scheduled steps, the gradient norm and the update ratio. Fires when a
     layer's update is exactly 0 on ``persist`` (2) consecutive checks while the model's overall update
     is not, saying whether the layer gets no gradient (a detached branch, an unused module) or gets one
-    but is not stepped (learning rate 0, missing from the optimizer).
+    but is not stepped (learning rate 0).
+
+    Left alone: layers frozen on purpose (every parameter ``requires_grad=False`` now, as a fine-tune
+    freezes its backbone, also after gradwatch bound to the model), layers that get gradients but that no
+    optimizer holds (``unoptimized_parameters`` names those: their gradients are not measured, so "no
+    gradient" would be wrong), and layers no optimizer holds whose module is in eval mode (a backbone
+    frozen by leaving it out of the optimizer). The gradient norm is measured over the parameters the
+    optimizers hold.
 
     Severity: warning. Layer: the frozen layer. Evidence: grad_norm, update_ratio.
     """
@@ -23,8 +30,9 @@ class FrozenWeights(Detector):
     advice = (
         "This layer is trainable but never changes. If it gets no gradient, it is not on the path from "
         "the inputs to the loss (a .detach(), torch.no_grad(), an unused module, or an integer cast); if "
-        "it gets a gradient but does not move, its parameters are not in the optimizer or their learning "
-        "rate is 0. Fix the graph or the optimizer's param groups, or set requires_grad=False on purpose."
+        "it gets a gradient but does not move, its learning rate is 0 (parameters no optimizer holds are "
+        "named by unoptimized_parameters). Fix the graph or the optimizer's param groups, or set "
+        "requires_grad=False on purpose: frozen layers are left alone."
     )
 
     def __init__(self, persist: int = 2) -> None:
@@ -36,8 +44,14 @@ class FrozenWeights(Detector):
         if not ratios or not ratios.get("total", 0) > 0:
             return []
         out: list[Finding] = []
+        setup = stats.model_setup
+        left_alone = _left_alone(setup) if setup is not None else set()
         for name, ratio in ratios.items():
             if name == "total":
+                continue
+            if name in left_alone:
+                self.streaks.pop(name, None)
+                out += self.resolve(name, step, stats.epoch, name, f"{name} is frozen on purpose")
                 continue
             if ratio != 0:
                 self.streaks.pop(name, None)
@@ -50,9 +64,18 @@ class FrozenWeights(Detector):
             why = (
                 "gets no gradient" if grad == 0 else f"gets gradients (norm {grad:.3g}) but is never stepped"
             )
+            if setup is not None and name in setup.unheld_layers:
+                why += ", and no optimizer holds it"
             message = f"{name} has not changed for {self.streaks[name]} checks: it {why}"
             evidence = {"grad_norm": grad, "update_ratio": 0.0}
             out += self.report(
                 name, self.finding(Severity.WARNING, step, stats.epoch, name, message, evidence)
             )
         return out
+
+
+def _left_alone(setup: ModelSetup) -> set[str]:
+    """Layers frozen on purpose, or that ``unoptimized_parameters`` judges (see the class docstring)."""
+    with_grads = {layer for layer, _, _, grad in setup.unoptimized.values() if grad}
+    unheld = {la for la, in_eval in setup.unheld_layers.items() if in_eval or la in with_grads}
+    return set(setup.frozen_layers) | unheld

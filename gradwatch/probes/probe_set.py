@@ -8,6 +8,7 @@ go on a :class:`~gradwatch.stats.Transfer` that the read takes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from gradwatch.probes.activations import ActivationProbe
 from gradwatch.probes.gradients import GradientProbe
 from gradwatch.probes.inputs import input_stats
 from gradwatch.probes.layout import ParamLayout
+from gradwatch.probes.model_setup import ModelSetupProbe
 from gradwatch.probes.weights import WeightProbe
 from gradwatch.stats import Transfer
 
@@ -25,12 +27,16 @@ log = logging.getLogger("gradwatch")
 
 
 class ProbeSet:
-    """``activations`` / ``inputs``: whether those heavy probes run at all."""
+    """``activations`` / ``inputs``: whether those heavy probes run at all; ``optimizers``: returns the
+    run's optimizers, for the setup checks (``None``: not known)."""
 
-    def __init__(self, model: nn.Module, activations: bool, inputs: bool) -> None:
+    def __init__(
+        self, model: nn.Module, activations: bool, inputs: bool, optimizers: Callable[[], list] | None = None
+    ) -> None:
         self.layout = ParamLayout(model)
         self.grads = GradientProbe(self.layout)
         self.weights = WeightProbe(self.layout)
+        self.setup = ModelSetupProbe(model, self.layout, optimizers)  # modes, frozen layers, optimizers
         self.acts = ActivationProbe(model) if activations else None
         self._note_unmeasured(model)
         self.inputs = inputs
@@ -108,6 +114,7 @@ class ProbeSet:
         (``None`` if nothing); the queue starts anew."""
         transfer, acts = self._transfer, self.acts if self._acts_queued else None
         self._transfer, self._acts_queued = Transfer(), False
+        self.setup.queue(transfer)  # BatchNorm running statistics, with every read
         return transfer, acts
 
     def unit_activity(self, module: str | None) -> torch.Tensor | None:
