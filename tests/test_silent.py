@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from models import DigitsMLP, digits_loaders, trainer
+from programs import FrozenTable, GaussianNLL, MoonsGAN, Reinforce
+from torch import nn
 
 import gradwatch
 
@@ -39,3 +43,186 @@ def test_a_per_epoch_schedule_stepped_per_batch_is_named_within_two_reads(tmp_pa
     healthy = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / "healthy.jsonl"))
     trainer(tmp_path, [healthy], logger=False, max_epochs=10).fit(PerBatchScheduler("epoch"), train)
     assert "lr_collapsed" not in rules_of(healthy)  # annealed to 0 at the end, with the loss learned
+
+
+# ------------------------------------------------------------------ eval_mode_training, unoptimized_parameters
+
+
+def bn_mlp(momentum: float | None = 0.1, track: bool = True) -> nn.Sequential:
+    """Linear, BatchNorm1d, ReLU, Dropout, Linear: both kinds of module whose mode matters."""
+    bn = nn.BatchNorm1d(64, momentum=momentum, track_running_stats=track)
+    return nn.Sequential(nn.Linear(64, 64), bn, nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 10))
+
+
+class Classifier(pl.LightningModule):
+    """``bn_mlp`` under AdamW with a weight-decay split: weights decayed, biases and BatchNorm parameters in
+    a no-decay group. ``groups="decay"`` loses the no-decay group (they end up in no optimizer)."""
+
+    def __init__(self, net: nn.Module, groups: str = "both") -> None:
+        super().__init__()
+        self.net, self.groups = net, groups
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        groups = [{"params": decay, "weight_decay": 0.01}]
+        if self.groups == "both":
+            groups.append({"params": [p for p in self.parameters() if p.ndim < 2], "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=3e-3)
+
+
+def setup_fit(tmp_path, module, name, callbacks=(), **kw):
+    pl.seed_everything(0)
+    train, _ = digits_loaders()
+    mon = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / f"{name}.jsonl"))
+    trainer(tmp_path, [mon, *callbacks], logger=False, **{"max_steps": 60, **kw}).fit(module, train)
+    return mon
+
+
+def watched_loop(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 60) -> gradwatch.Watch:
+    torch.manual_seed(0)
+    train, _ = digits_loaders()
+    with gradwatch.Watch(model, opt, remedies="off", print_summary=False) as watch:
+        for _, (x, y) in zip(range(steps), train, strict=False):  # the first `steps` batches
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            watch.step(loss)
+    return watch
+
+
+def the_finding(monitor, rule: str):
+    (finding,) = [f for f in monitor.findings if f.rule == rule and f.severity != "info"]
+    return finding
+
+
+def test_a_model_left_in_eval_mode_is_named_at_the_first_read(tmp_path):
+    buggy = Classifier(bn_mlp())
+    buggy.eval()  # left on from an evaluation before fit: Lightning keeps the mode
+    finding = the_finding(setup_fit(tmp_path, buggy, "buggy"), "eval_mode_training")
+    assert finding.step == 0 and finding.layer is None  # the whole model
+    assert "net.1 (BatchNorm1d)" in finding.message and "net.3 (Dropout)" in finding.message
+    assert "model.train()" in finding.advice
+    assert rules_of(setup_fit(tmp_path, Classifier(bn_mlp()), "healthy")) == set()
+    # a plain loop: a submodule put in eval and never back
+    torch.manual_seed(0)
+    model = nn.Sequential(bn_mlp()[:4], nn.Linear(64, 10))
+    model[0].eval()
+    finding = the_finding(
+        watched_loop(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)), "eval_mode_training"
+    )
+    assert finding.step == 0 and finding.layer == "0" and "0.1 (BatchNorm1d)" in finding.message
+    model = nn.Sequential(bn_mlp()[:4], nn.Linear(64, 10))
+    assert rules_of(watched_loop(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))) == set()
+
+
+def test_batchnorm_running_statistics_that_never_move_are_named_within_two_reads(tmp_path):
+    finding = the_finding(
+        setup_fit(tmp_path, Classifier(bn_mlp(momentum=0.0)), "frozen_stats"), "eval_mode_training"
+    )
+    assert finding.step <= 2 * 20 and finding.layer == "net.1" and "momentum" in finding.message
+    for name, net in [
+        ("ema", bn_mlp()),
+        ("cumulative", bn_mlp(momentum=None)),
+        ("batch", bn_mlp(track=False)),
+    ]:
+        assert rules_of(setup_fit(tmp_path, Classifier(net), name)) == set(), name
+
+
+class LateHead(Classifier):
+    """An auxiliary head added in ``on_train_start``, after ``configure_optimizers`` built the optimizer."""
+
+    def on_train_start(self):
+        self.aux = nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.net[:4](x)
+        return F.cross_entropy(self.net[4](h), y) + F.cross_entropy(self.aux(h), y)
+
+
+def test_parameters_no_optimizer_holds_are_named_at_the_first_read(tmp_path):
+    mon = setup_fit(tmp_path, Classifier(bn_mlp(), groups="decay"), "lost_group")
+    finding = the_finding(mon, "unoptimized_parameters")
+    assert finding.step == 0 and "net.1.weight" in finding.message and finding.evidence["tensors"] == 4
+    # the BatchNorm layer gets gradients: frozen_weights said "it gets no gradient" for it
+    assert not any("no gradient" in f.message for f in mon.findings), [str(f) for f in mon.findings]
+    assert "frozen_weights" not in rules_of(mon)
+    finding = the_finding(setup_fit(tmp_path, LateHead(bn_mlp()), "late_head"), "unoptimized_parameters")
+    assert finding.step == 0 and "aux.weight" in finding.message
+    assert rules_of(setup_fit(tmp_path, Classifier(bn_mlp()), "healthy")) == set()
+
+
+def test_an_optimizer_over_another_model_instance_is_named_at_the_first_read():
+    torch.manual_seed(0)
+    model, other = bn_mlp(), bn_mlp()
+    watch = watched_loop(model, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9))
+    findings = [f for f in watch.findings if f.rule == "unoptimized_parameters" and f.severity == "warning"]
+    assert [f.step for f in findings] == [0, 0]
+    assert any("not the model's" in f.message and f.evidence["tensors"] == 6 for f in findings)
+    model = bn_mlp()
+    assert rules_of(watched_loop(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))) == set()
+
+
+class FineTune(pl.LightningModule):
+    """A pretrained-style backbone (BatchNorm, Dropout) frozen and kept in eval mode, a new head trained.
+
+    ``freeze``: ``"init"`` (requires_grad=False in ``__init__``), ``"callback"`` (a callback freezes it in
+    ``on_fit_start``, after gradwatch bound), ``"optimizer"`` (left out of the optimizer, trainable); any
+    other: the optimizer takes what requires a gradient when it is built."""
+
+    def __init__(self, freeze: str, eval_backbone: bool = True) -> None:
+        super().__init__()
+        self.freeze, self.eval_backbone = freeze, eval_backbone
+        self.backbone = nn.Sequential(*bn_mlp()[:4], nn.Linear(64, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+        if freeze == "init":
+            self.backbone.requires_grad_(False)
+
+    def on_train_epoch_start(self):
+        if self.eval_backbone:  # the classic recipe: frozen BatchNorm statistics, no dropout
+            self.backbone.eval()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self):
+        params = self.head.parameters() if self.freeze == "optimizer" else self.parameters()
+        return torch.optim.Adam([p for p in params if p.requires_grad], lr=1e-3)
+
+
+class FreezeBackbone(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.backbone.requires_grad_(False)
+
+
+def test_a_fine_tune_with_a_frozen_backbone_in_eval_mode_is_silent(tmp_path):
+    for freeze in ("init", "callback", "optimizer"):
+        callbacks = [FreezeBackbone()] if freeze == "callback" else []
+        mon = setup_fit(tmp_path, FineTune(freeze), freeze, callbacks, max_epochs=2, max_steps=-1)
+        assert rules_of(mon) == set(), (
+            freeze,
+            [str(f) for f in mon.findings],
+        )  # frozen_weights fired (callback)
+    # left out of the optimizer while trainable: gradients computed for nothing, said at info
+    (note,) = [f for f in mon.findings if f.rule == "unoptimized_parameters"]
+    assert note.severity == "info" and "requires_grad_(False)" in note.advice
+    # Lightning's own fine-tuning callback: frozen in setup, BatchNorm kept training, unfrozen at epoch 1
+    finetuning = pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1, train_bn=False)
+    module = FineTune("requires_grad", eval_backbone=False)
+    mon = setup_fit(tmp_path, module, "backbone_finetuning", [finetuning], max_epochs=2, max_steps=-1)
+    assert rules_of(mon) == set(), [str(f) for f in mon.findings]
+
+
+@pytest.mark.parametrize("program", [GaussianNLL, Reinforce, MoonsGAN, FrozenTable], ids=lambda p: p.__name__)
+def test_programs_raise_no_setup_finding(tmp_path, program):
+    pl.seed_everything(0)
+    mon = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / "events.jsonl"))
+    loader = digits_loaders()[0] if program is FrozenTable else None
+    trainer(tmp_path, [mon], logger=False, max_steps=100).fit(program(), loader)
+    setup_rules = {"eval_mode_training", "unoptimized_parameters", "frozen_weights"}
+    assert not {f.rule for f in mon.findings} & setup_rules, [str(f) for f in mon.findings]
