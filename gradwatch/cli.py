@@ -7,7 +7,10 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from gradwatch import __version__
+
     parser = argparse.ArgumentParser(prog="gradwatch", description="gradwatch: training-health monitor.")
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser(
         "report",

@@ -106,6 +106,7 @@ class HealthMonitorHooks:
         self._progress = ProgressStatus(lambda: self.monitor.journal.tally.severities)
         self._fitting = False
         self._scaler: Any = None  # the trainer's GradScaler, looked up once per fit
+        self._summary: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public attributes
     @property
@@ -117,6 +118,11 @@ class HealthMonitorHooks:
     def actions(self):  # noqa: ANN201 - list[Action]
         """The most recent remedy actions, in order (`journal.RECENT` of them; the summary counts all)."""
         return self.monitor.actions
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The summary of the last finished fit (as ``Watch.summary``; ``None`` before one ends)."""
+        return self._summary
 
     @property
     def events_path(self) -> str | None:
@@ -154,7 +160,7 @@ class HealthMonitorHooks:
             context=_context(trainer, pl_module),
         )
         if trainer.is_global_zero:
-            log.info(format_setup(setup))
+            log.debug(format_setup(setup))
         self._fitting = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -173,7 +179,7 @@ class HealthMonitorHooks:
     def _finish(self, status: str) -> None:
         if self._fitting:
             self._fitting = False
-            self.monitor.finish(status)
+            self._summary = self.monitor.finish(status)
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

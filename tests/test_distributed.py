@@ -163,7 +163,7 @@ def test_ddp_only_rank_zero_writes(ddp_run):
     assert summary["setup"]["world_size"] == 2 and summary["setup"]["strategy"] == "DDPStrategy"
     assert len(glob.glob(str(out / "tb" / "*" / "events.out.tfevents.*"))) == 1
     assert output.count("gradwatch health summary") == 1
-    assert output.count("gradwatch: setup") == 1
+    assert output.count("gradwatch: setup") == 0  # DEBUG: the setup is in the summary's "setup"
 
 
 # ---------------------------------------------------------------------------- sharded parameters (FSDP2)
