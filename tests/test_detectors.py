@@ -350,3 +350,75 @@ def test_divergence_resumed_from_a_state_without_its_noise_still_fires():
     new.load_state_dict(state)
     out = feed(new, losses=[3.0] * 40, start=60)
     assert [f.rule for f in out if f.severity != "info"][:1] == ["divergence"]
+
+
+# ----------------------------------------------------------------------------- the model's setup
+def setup_stats(step, n=20, stats=None, **setup):
+    """A read of ``n`` steps carrying the model's setup (``stats``: more fields of the read)."""
+    from gradwatch.stats import ModelSetup
+
+    steps = [rec(step - n + 1 + j) for j in range(n)]
+    return Stats(step=step, epoch=0, steps=steps, model_setup=ModelSetup(**setup), **(stats or {}))
+
+
+def test_frozen_weights_leaves_frozen_and_unoptimized_layers_alone():
+    d = FrozenWeights()
+    ratios = _ratios(1e-3, a=0.0, b=0.0, c=0.0, d=0.0)
+    setup = dict(
+        frozen_layers=["a"],  # requires_grad=False: frozen on purpose
+        unoptimized={"b.weight": ("b", 10, False, True)},  # gets gradients, no optimizer: the other rule's
+        unheld_layers={"b": False, "c": True, "d": False},  # c: left out and in eval (frozen by omission)
+    )
+    for step in (0, 20):
+        out = d.check(step, setup_stats(step, stats=dict(update_ratio=ratios), **setup))
+    (f,) = out
+    assert f.layer == "d" and f.message.endswith("it gets no gradient, and no optimizer holds it")
+
+
+def test_eval_mode_training_names_the_region_at_once_and_resolves():
+    from gradwatch.detectors import EvalModeTraining
+
+    d = EvalModeTraining()
+    regions = {"": ["net.1 (BatchNorm1d)", "net.3 (Dropout)"]}
+    (f,) = d.check(0, setup_stats(0, eval_regions=regions))
+    assert f.severity == "warning" and f.layer is None and f.evidence["modules"] == 2
+    assert d.check(20, setup_stats(20, eval_regions=regions)) == []  # one finding an episode
+    (end,) = d.check(40, setup_stats(40))
+    assert end.severity == "info" and "trains again" in end.message
+
+
+def test_eval_mode_training_on_running_statistics_that_stop_moving():
+    from gradwatch.detectors import EvalModeTraining
+
+    d = EvalModeTraining()
+    moving = [d.check(s, setup_stats(s, running_stats={"bn": (s + 1.0, 1.0 + s)})) for s in (0, 20, 40)]
+    assert moving == [[], [], []]
+    out = [d.check(s, setup_stats(s, running_stats={"bn": (s + 1.0, 99.0)})) for s in (60, 80, 100)]
+    assert [len(o) for o in out] == [0, 0, 1]  # unchanged over 2 reads (since 60): named at 100
+    assert out[2][0].layer == "bn" and "momentum=0" in out[2][0].message
+    (end,) = d.check(120, setup_stats(120, running_stats={"bn": (121.0, 42.0)}))
+    assert end.severity == "info"
+
+
+def test_unoptimized_parameters_lasts_while_no_optimizer_holds_them():
+    from gradwatch.detectors import UnoptimizedParameters
+
+    d = UnoptimizedParameters()
+    unheld = {"bn.weight": ("bn", 64, False, True), "bn.bias": ("bn", 64, False, True)}
+    (f,) = d.check(0, setup_stats(0, unoptimized=unheld))
+    assert f.severity == "warning" and f.layer == "bn" and f.evidence == {"tensors": 2.0, "elements": 128.0}
+    no_grads = {n: (*v[:3], False) for n, v in unheld.items()}  # zero_grad(set_to_none) before the read
+    assert d.check(20, setup_stats(20, unoptimized=no_grads)) == []  # still not held: the episode goes on
+    (end,) = d.check(40, setup_stats(40))  # an optimizer holds them now
+    assert end.severity == "info"
+    (f,) = d.check(60, setup_stats(60, foreign=(6, 4938)))
+    assert "not the model's" in f.message and f.evidence["tensors"] == 6
+
+
+def test_setup_rules_validate_their_thresholds():
+    from gradwatch.detectors import EvalModeTraining
+
+    with pytest.raises(
+        ConfigError, match=r"EvalModeTraining\(persist=\.\.\.\) must be a whole number > 0, got 0"
+    ):
+        EvalModeTraining(persist=0)

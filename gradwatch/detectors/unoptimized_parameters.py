@@ -18,9 +18,11 @@ class UnoptimizedParameters(Detector):
     from another model instance, or before a module was replaced: it steps tensors the forward never uses
     (and the model's own parameters are then the first case).
 
-    Statistic: at every read (the first at step 0), host-side: the identity of each parameter against
-    every parameter group of every optimizer (``id(p)``), ``p.requires_grad`` and ``p.grad is None``.
-    No threshold: any such parameter fires, one finding for all of them. Parameters whose module is in
+    Statistic: host-side, the identity of each parameter against every parameter group of every optimizer
+    (``id(p)``), worked out at the first read (step 0) and again whenever the optimizers' tensors or the
+    number of trainable parameters change (a module swapped in later with neither is not seen); at every
+    read, ``p.grad is None`` and the module's mode of what it found. No threshold: any such parameter
+    fires, one finding for all of them; the episode lasts while an optimizer still does not hold them. Parameters whose module is in
     eval mode (a backbone frozen by leaving it out of the optimizer) give an ``info`` finding instead:
     frozen on purpose, but its gradients are computed for nothing (``requires_grad=False`` saves the
     backward). Not judged where the optimizers are not known (a bare ``Monitor`` without a context) or
