@@ -179,6 +179,8 @@ class Faults:
     freeze_first_lr: bool = False  # the first layer is in a param group with lr 0
     eval_mode: bool = False  # model.eval() left on before fit: dropout off, BatchNorm on running statistics
     decay_group_only: bool = False  # the optimizer gets only the weight-decay group: biases, norms left out
+    repeat_batch: bool = False  # the sampler repeats the first batch's indices: the same batch every step
+    keep_grads: bool = False  # optimizer_zero_grad overridden to do nothing: gradients never cleared
 
 
 class ZooModule(pl.LightningModule):
@@ -213,6 +215,10 @@ class ZooModule(pl.LightningModule):
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        if not self.faults.keep_grads:  # Lightning's own: optimizer.zero_grad()
+            optimizer.zero_grad()
 
     def _lr_factor(self, s: int) -> float:
         total, jump = self.total_steps, self.faults.lr_jump_at
@@ -346,6 +352,10 @@ SCENARIOS: list[Scenario] = [
              expected=("eval_mode_training",), onset=0, kind="early"),
     Scenario("cnn_bn_no_decay_group", "digits_img", cnn_bn, "adamw", 3e-3, 2, batch_size=32,
              faults=Faults(decay_group_only=True), expected=("unoptimized_parameters",), onset=0, kind="early"),
+    Scenario("mlp_repeated_batch", "digits", _digits_mlp(), "adam", 1e-3, 2, faults=Faults(repeat_batch=True),
+             expected=("repeated_batch",), onset=0, kind="early"),
+    Scenario("mlp_gradients_not_cleared", "digits", _digits_mlp(), "momentum", 0.05, 2, faults=Faults(keep_grads=True),
+             expected=("gradients_not_cleared",), onset=0, kind="early"),
     Scenario("overfit_small_train_set", "digits_small", _digits_mlp(nn.ReLU, (512, 512)), "adam", 3e-3, 60,
              batch_size=16, expected=("overfitting",), onset="val_min", recoverable=True),
     # ---- healthy
@@ -455,7 +465,11 @@ def run(
     pl.seed_everything(seed, verbose=False)
     (xt, yt), (xv, yv) = DATA[s.data]()
     g = torch.Generator().manual_seed(seed)
-    train = DataLoader(TensorDataset(xt, yt), batch_size=s.batch_size, shuffle=True, generator=g)
+    # repeat_batch: the sampler hands out the first batch's indices again and again, an epoch long
+    sampler = list(range(s.batch_size)) * (len(xt) // s.batch_size) if s.faults.repeat_batch else None
+    train = DataLoader(
+        TensorDataset(xt, yt), batch_size=s.batch_size, shuffle=sampler is None, sampler=sampler, generator=g
+    )
     val = DataLoader(TensorDataset(xv, yv), batch_size=512)
     model = s.model()
     if s.init:

@@ -28,6 +28,8 @@ RULES: tuple[str, ...] = (
     "lr_collapsed",
     "eval_mode_training",
     "unoptimized_parameters",
+    "repeated_batch",
+    "gradients_not_cleared",
 )
 
 REMEDIES: tuple[str, ...] = (

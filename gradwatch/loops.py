@@ -154,6 +154,7 @@ def describe_loop(
     return {
         "loop": "fabric" if is_fabric_module(model) else "plain",
         "manual_optimization": False,
+        "epochs_counted": False,  # until watch.step(epoch=...): where epochs start (repeated_batch asks)
         "scaler": (
             type(scaler).__name__
             if scaler is not None

@@ -155,8 +155,8 @@ class Monitor:
                 return  # measure="scheduled": nothing to prepare between the scheduled steps
         elif self.remedy_ctx.context is not None and not self.recorder.losses and self.recorder.open is None:
             self.guard.batch_start()  # the first batch of an optimizer step
-        if self.probes is not None and self.cadence.probing(step):
-            self.probes.start(step, batch)
+        if self.probes is not None and self.cadence.scheduled(step):  # the heavy probes on probe steps
+            self.probes.start(step, batch, self.cadence.probing(step), self.setup.get("epochs_counted", True))
 
     def before_optimizer_step(
         self,

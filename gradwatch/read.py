@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gradwatch.distributed import MEAN, PARAM, SUM, read_alone
-from gradwatch.probes import ParamLayout
+from gradwatch.probes import ParamLayout, fingerprint, leftover
 from gradwatch.probes.activations import ActivationProbe
 from gradwatch.probes.probe_set import ProbeSet
 from gradwatch.recorder import StepRow, derive
@@ -63,6 +63,8 @@ def read(
     host = transfer.read(across_ranks=across_ranks, sharded=layout.sharded)
     read_alone(not across_ranks)  # what follows this read (a rollback, a snapshot) may wait on the ranks
     stats = build_stats(rows, host, layout, acts, val_loss)
+    stats.batch = fingerprint.settle(host.get("batch"), probes.epochs_counted)
+    stats.leftover = leftover.settle(host.get("leftover"))
     stats.model_setup = probes.setup.settle(host)  # host-side: module modes, requires_grad, optimizers
     return Read(stats, host.get("clips"))
 

@@ -84,6 +84,41 @@ class ActivationStats:
 
 
 @dataclass
+class BatchStats:
+    """The scheduled step's batch fingerprint (``gradwatch/probes/fingerprint.py``).
+
+    Attributes:
+        moments: per tensor of the batch (the first four, depth first; zeros where there is none): element
+            count, sum, sum of squares, sum of squared per-sample sums (added up across ranks).
+        identical: per tensor, whether the samples compared all equal the first (floating tensors only).
+        epochs_counted: the loop says where its epochs start (always under the Trainer; a ``Watch`` loop
+            when it passes ``epoch=``).
+    """
+
+    moments: tuple[tuple[float, ...], ...]
+    identical: tuple[bool, ...]
+    epochs_counted: bool = True
+
+
+@dataclass
+class LeftoverStats:
+    """The scheduled step's watched gradients (``gradwatch/probes/leftover.py``), added up across ranks.
+
+    Attributes:
+        watched: parameters watched; ``fired``: of those, how many got a gradient in the window.
+        stale: of those, how many found a gradient left over from earlier steps at every arrival.
+        held_norm: the norm of the gradients already held at the first arrival (of the stale ones).
+        new_norm: the norm of the gradients that arrived then.
+    """
+
+    watched: int
+    fired: int
+    stale: int
+    held_norm: float
+    new_norm: float
+
+
+@dataclass
 class InputStats:
     """Mean, standard deviation and max ``|x|`` of the first floating tensor of a sampled batch."""
 
@@ -134,6 +169,8 @@ class Stats:
         update_ratio: per-layer ``||w_after - w_before|| / ||w_before||`` of the scheduled step.
         activations: per-module :class:`ActivationStats` of the scheduled step's forward pass.
         inputs: :class:`InputStats` of the scheduled step's batch.
+        batch: :class:`BatchStats`, the scheduled step's batch fingerprint.
+        leftover: :class:`LeftoverStats`, gradients left over from earlier steps.
         val_loss: the validation loss of the latest validation run, if one was logged since the last read.
         model_setup: :class:`ModelSetup` at this read (module modes, frozen layers, optimizer membership).
     """
@@ -146,6 +183,8 @@ class Stats:
     update_ratio: dict[str, float] = field(default_factory=dict)
     activations: dict[str, ActivationStats] = field(default_factory=dict)
     inputs: InputStats | None = None
+    batch: BatchStats | None = None
+    leftover: LeftoverStats | None = None
     val_loss: float | None = None
     model_setup: ModelSetup | None = None
 

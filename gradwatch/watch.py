@@ -199,8 +199,8 @@ class Watch:
         """
         if self._closed:
             raise RuntimeError("Watch.step() after Watch.close(): create a new Watch for a new run.")
-        if epoch is not None:
-            self.epoch = int(epoch)
+        if epoch is not None:  # the loop counts epochs: a batch seen again an epoch later is not repeated
+            self.epoch, self.monitor.setup["epochs_counted"] = int(epoch), True
         if scaler is not None and scaler is not self.scaler:
             self.scaler = scaler
             self.monitor.context.scaler = scaler

@@ -45,6 +45,155 @@ def test_a_per_epoch_schedule_stepped_per_batch_is_named_within_two_reads(tmp_pa
     assert "lr_collapsed" not in rules_of(healthy)  # annealed to 0 at the end, with the loss learned
 
 
+# ------------------------------------------------------------------ repeated_batch, gradients_not_cleared
+
+
+def digits_loader(batch_size=64, shuffle=True, **kw) -> torch.utils.data.DataLoader:
+    """The training digits of ``digits_loaders`` (1437), with another batch size, order, sampler or collate."""
+    data = digits_loaders()[0].dataset
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g, **kw)
+
+
+def repeating_loader() -> torch.utils.data.DataLoader:
+    """A sampler that hands out the first batch's indices again and again, an epoch long (22 batches)."""
+    return digits_loader(shuffle=False, sampler=list(range(64)) * 22)
+
+
+def alarms(watched, rule: str) -> list:
+    return [f for f in watched.findings if f.rule == rule and f.severity != "info"]
+
+
+def plain_loop(loader, epochs, *, epoch_given=True, freeze_at=None, zero_grad=True, accumulate=1, **kw):
+    """A user's loop under ``Watch``: forward, backward, ``watch.step``, ``zero_grad`` (or not), with
+    ``accumulate`` micro-batches a step; ``freeze_at``: from that step on the loop reuses one batch."""
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    watch = gradwatch.Watch(model, opt, print_summary=False, **{"remedies": "off", **kw})
+    kept = None
+    for epoch in range(epochs):
+        for i, (x, y) in enumerate(loader):
+            if freeze_at is not None and watch.global_step >= freeze_at:
+                kept = kept or (x, y)
+                x, y = kept
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            (loss / accumulate).backward()
+            if (i + 1) % accumulate:
+                continue
+            watch.step(loss, epoch=epoch if epoch_given else None)
+            if zero_grad:
+                opt.zero_grad()
+    watch.close()
+    return watch
+
+
+def test_a_loader_that_repeats_one_batch_is_named_within_two_reads(tmp_path):
+    pl.seed_everything(0)
+    buggy = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / "buggy.jsonl"))
+    trainer(tmp_path, [buggy], logger=False, max_epochs=2).fit(DigitsMLP(), repeating_loader())
+    (finding,) = alarms(buggy, "repeated_batch")
+    assert finding.step <= 2 * 20 and "repeats one batch" in finding.message  # from step 0; reads every 20
+    # healthy twins: shuffled; unshuffled with epochs of 20, 10 and 40 steps: every read (or every other)
+    # sees the batch at the same position of an epoch as the read before it
+    for batch_size, shuffle in ((64, True), (72, False), (144, False), (36, False)):
+        healthy = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / f"h{batch_size}.jsonl"))
+        loader = digits_loader(batch_size, shuffle)
+        trainer(tmp_path, [healthy], logger=False, max_epochs=4).fit(DigitsMLP(), loader)
+        assert "repeated_batch" not in rules_of(healthy), (len(loader), [str(f) for f in healthy.findings])
+
+
+def test_a_loader_that_repeats_one_sample_per_batch_is_named(tmp_path):
+    def one_sample(items):  # a collate_fn that keeps the first sample B times
+        return torch.utils.data.default_collate([items[0]] * len(items))
+
+    buggy = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / "buggy.jsonl"))
+    trainer(tmp_path, [buggy], logger=False, max_epochs=2).fit(
+        DigitsMLP(), digits_loader(collate_fn=one_sample)
+    )
+    (finding,) = alarms(buggy, "repeated_batch")
+    assert finding.step <= 2 * 20 and "repeats one sample" in finding.message
+
+
+def test_a_plain_loop_that_repeats_a_batch_is_named_and_full_batch_training_is_not(tmp_path):
+    assert alarms(plain_loop(repeating_loader(), 2), "repeated_batch")[0].step <= 2 * 20
+    # without epoch=, a batch that stops changing at step 30 is named within two reads (at 60)
+    frozen = plain_loop(digits_loader(), 3, epoch_given=False, freeze_at=30)
+    assert 30 < alarms(frozen, "repeated_batch")[0].step <= 30 + 2 * 20
+    # full-batch training (one batch of all 1437 digits) and an unshuffled loader whose epochs are read
+    # at the same position, without epoch=: the same batch since the first read is an info finding
+    full = plain_loop(digits_loader(batch_size=1437), 60, epoch_given=False)
+    assert not alarms(full, "repeated_batch")
+    assert [f.severity for f in full.findings if f.rule == "repeated_batch"] == ["info"]
+    assert not alarms(plain_loop(digits_loader(72, shuffle=False), 4, epoch_given=False), "repeated_batch")
+    assert not alarms(plain_loop(digits_loader(1437), 60, epoch_given=True), "repeated_batch")
+
+
+def test_fingerprint_ignores_memory_layout_and_sample_order():
+    from gradwatch.probes.fingerprint import fingerprint
+
+    x, y = next(iter(digits_loader()))
+    cpu = torch.device("cpu")
+    order = torch.randperm(len(x))
+    moved = torch.empty(len(x) + 1, x.shape[1])[1:]  # another alignment
+    moved.copy_(x[order])
+    assert torch.equal(fingerprint((x, y), cpu), fingerprint((moved, y[order].clone()), cpu))
+    assert not torch.equal(fingerprint((x, y), cpu), fingerprint((x[1:], y[1:]), cpu))
+    sparse = torch.eye(5).to_sparse()  # dicts, token ids and sparse tensors are fingerprinted, not crashed on
+    assert fingerprint({"ids": torch.arange(6).reshape(2, 3), "adj": sparse}, cpu)[1].item() == 6
+
+
+class ManualStep(DigitsMLP):
+    """Manual optimization: ``opt.step()`` in training_step, with ``opt.zero_grad()`` or without."""
+
+    def __init__(self, zero_grad: bool = True) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.zero_grad_ = zero_grad
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        if self.zero_grad_:
+            opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        opt.step()
+        return loss.detach()
+
+
+def test_a_plain_loop_without_zero_grad_is_named_at_the_first_read_after_step_0(tmp_path):
+    buggy = plain_loop(digits_loader(), 2, zero_grad=False)
+    (finding,) = alarms(buggy, "gradients_not_cleared")
+    assert finding.step == 20 and finding.severity == "critical" and "zero_grad" in finding.advice
+    assert finding.evidence["held_norm"] > 0
+    # healthy twins: zero_grad every step; 4 micro-batches accumulated a step, zeroed after each step
+    assert not alarms(plain_loop(digits_loader(), 2), "gradients_not_cleared")
+    accumulating = plain_loop(digits_loader(16), 2, accumulate=4)
+    assert accumulating.global_step > 40 and not alarms(accumulating, "gradients_not_cleared")
+    assert alarms(plain_loop(digits_loader(16), 2, accumulate=4, zero_grad=False), "gradients_not_cleared")
+
+
+def test_no_remedy_answers_the_symptoms_of_gradients_never_cleared(tmp_path):
+    """Before this rule the run was found at step 28-69 as exploding_gradients, and reduce_lr, rollback and
+    reinitialize answered its symptoms, each in vain (the sum of all gradients kept growing)."""
+    watch = plain_loop(digits_loader(), 3, zero_grad=False, remedies="auto")
+    assert "gradients_not_cleared" in rules_of(watch) and "exploding_gradients" in rules_of(watch)
+    acted = {a.remedy for a in watch.actions if a.rule != "gradient_spike"}  # (per-step clipping may run)
+    assert not acted & {"reduce_lr", "rollback", "reinitialize"}, [str(a) for a in watch.actions]
+
+
+def test_lightning_manual_optimization_without_zero_grad_is_named_and_accumulation_is_not(tmp_path):
+    buggy = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / "buggy.jsonl"))
+    trainer(tmp_path, [buggy], logger=False, max_epochs=1).fit(ManualStep(zero_grad=False), digits_loader())
+    assert alarms(buggy, "gradients_not_cleared")[0].step == 20
+    for module, kw in ((ManualStep(), {}), (DigitsMLP(), {"accumulate_grad_batches": 4})):
+        healthy = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / "healthy.jsonl"))
+        loader = digits_loader(16)  # 90 batches: 22 optimizer steps with accumulate_grad_batches=4
+        trainer(tmp_path, [healthy], logger=False, max_epochs=2, **kw).fit(module, loader)
+        assert "gradients_not_cleared" not in rules_of(healthy)
+
+
 # ------------------------------------------------------------------ eval_mode_training, unoptimized_parameters
 
 

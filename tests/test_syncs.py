@@ -59,7 +59,8 @@ class CountedMonitor(gradwatch.HealthMonitor):
 
 
 class CountedMLP(DigitsMLP):
-    """The test model, its forward (where gradwatch's activation hooks run) under a sync counter."""
+    """The test model, its forward (where gradwatch's activation hooks run) and its backward (where the
+    leftover-gradient hooks run on scheduled steps) under a sync counter."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -71,6 +72,11 @@ class CountedMLP(DigitsMLP):
         if self.training:
             self.forward_syncs[self.global_step] += c.count
         return out
+
+    def backward(self, loss, *args, **kwargs):
+        with SyncCounter() as c:
+            super().backward(loss, *args, **kwargs)
+        self.forward_syncs[self.global_step] += c.count
 
 
 def test_no_scalar_syncs_in_any_training_hook(tmp_path, loaders):

@@ -34,6 +34,8 @@ WITNESS = {
     "lr_collapsed": "lr_schedule_per_batch",
     "eval_mode_training": "cnn_bn_eval_mode",
     "unoptimized_parameters": "cnn_bn_no_decay_group",
+    "repeated_batch": "mlp_repeated_batch",
+    "gradients_not_cleared": "mlp_gradients_not_cleared",
 }
 
 

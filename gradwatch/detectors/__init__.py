@@ -11,12 +11,14 @@ from gradwatch.detectors.eval_mode_training import EvalModeTraining
 from gradwatch.detectors.exploding_gradients import ExplodingGradients
 from gradwatch.detectors.frozen_weights import FrozenWeights
 from gradwatch.detectors.gradient_spike import GradientSpike
+from gradwatch.detectors.gradients_not_cleared import GradientsNotCleared
 from gradwatch.detectors.loss_plateau import LossPlateau
 from gradwatch.detectors.loss_spike import LossSpike
 from gradwatch.detectors.lr_collapsed import LRCollapsed
 from gradwatch.detectors.nonfinite import NonFinite
 from gradwatch.detectors.overfitting import Overfitting
 from gradwatch.detectors.poor_initialization import PoorInitialization
+from gradwatch.detectors.repeated_batch import RepeatedBatch
 from gradwatch.detectors.saturated_activations import SaturatedActivations
 from gradwatch.detectors.unnormalized_inputs import UnnormalizedInputs
 from gradwatch.detectors.unoptimized_parameters import UnoptimizedParameters
@@ -39,12 +41,14 @@ __all__ = [
     "ExplodingGradients",
     "FrozenWeights",
     "GradientSpike",
+    "GradientsNotCleared",
     "LossPlateau",
     "LossSpike",
     "LRCollapsed",
     "NonFinite",
     "Overfitting",
     "PoorInitialization",
+    "RepeatedBatch",
     "SaturatedActivations",
     "UnnormalizedInputs",
     "UnoptimizedParameters",

@@ -16,9 +16,11 @@ from torch import nn
 
 from gradwatch.distributed import SUM
 from gradwatch.probes.activations import ActivationProbe
+from gradwatch.probes.fingerprint import fingerprint
 from gradwatch.probes.gradients import GradientProbe
 from gradwatch.probes.inputs import input_stats
 from gradwatch.probes.layout import ParamLayout
+from gradwatch.probes.leftover import LeftoverProbe
 from gradwatch.probes.model_setup import ModelSetupProbe
 from gradwatch.probes.weights import WeightProbe
 from gradwatch.stats import Transfer
@@ -38,6 +40,8 @@ class ProbeSet:
         self.weights = WeightProbe(self.layout)
         self.setup = ModelSetupProbe(model, self.layout, optimizers)  # modes, frozen layers, optimizers
         self.acts = ActivationProbe(model) if activations else None
+        self.leftover = LeftoverProbe()  # on scheduled steps: is a gradient left over from the last step?
+        self.epochs_counted = True  # the loop says where epochs start (a Watch loop: if it passes epoch=)
         self._note_unmeasured(model)
         self.inputs = inputs
         self._transfer = Transfer()
@@ -77,6 +81,7 @@ class ProbeSet:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]] | None:
         """The gradient probe's ``measure_raw``; ``scale``: gradients still multiplied by a GradScaler's
         scale (an optimizer that unscales inside ``step``), divided out of the norms on device."""
+        self.leftover.choose(params)  # once: the parameters it watches
         measured = self.grads.measure_raw(params, per_layer=per_layer)
         if measured is None or scale is None:
             return measured
@@ -84,11 +89,19 @@ class ProbeSet:
         inv = scale.detach().float().reciprocal()  # ||g / s|| = ||g|| * (1/s)
         return norms * inv, positions, layers * inv.square() if layers is not None else None, grads
 
-    def start(self, step: int, batch: Any) -> None:
-        """A probe step's batch starts: attach the activation hooks and queue the input range (once a step)."""
+    def start(self, step: int, batch: Any, heavy: bool = True, epochs_counted: bool = True) -> None:
+        """A scheduled step's batch starts (once a step): open the leftover-gradient window and queue the
+        batch's fingerprint; on a probe step (``heavy``) also attach the activation hooks and queue the
+        input range. ``epochs_counted``: the loop says where its epochs start."""
         if self._probed_step == step:
             return
         self._probed_step = step
+        self.leftover.arm()
+        if self.inputs:  # the same layout on every rank (ranks add the rows up, with a count)
+            self._transfer.add("batch", fingerprint(batch, self.layout.device), SUM)
+            self.epochs_counted = epochs_counted
+        if not heavy:
+            return
         if self.acts is not None:
             self.acts.attach()
         if self.inputs:  # [mean, std, max|x|, 1], or zeros for a batch without a floating tensor: every
@@ -102,7 +115,10 @@ class ProbeSet:
 
     def end(self) -> None:
         """A batch ended: detach the activation hooks, queue what they saw in the layout every rank shares
-        (:meth:`ActivationProbe.stack`: ranks add each module's summaries up by name, with a count)."""
+        (:meth:`ActivationProbe.stack`: ranks add each module's summaries up by name, with a count), and
+        close the leftover-gradient window (its row: every rank opened it on the same step)."""
+        if self.leftover.armed:
+            self._transfer.add("leftover", self.leftover.take(self.layout.device), SUM)
         if self.acts is None or not self.acts.attached:
             return
         self.acts.detach()
@@ -126,4 +142,5 @@ class ProbeSet:
         if self.acts is not None:
             self.acts.remove()
         self.weights.discard()
+        self.leftover.forget()
         self._transfer, self._acts_queued, self._probed_step = Transfer(), False, None

@@ -80,6 +80,33 @@ def trend_only(finding: Finding, findings: list[Finding], not_before: int = -1) 
     return True
 
 
+#: Findings that are symptoms of an open cause in the user's loop: while the cause's latest finding is a
+#: warning or critical, no remedy answers them. Gradients that are never cleared add up step after step;
+#: the explosion, divergence, spikes and dead units that follow are its symptoms, and reduce_lr, rollback,
+#: clip_gradients and reinitialize on them made the run worse (the sum of all gradients keeps growing
+#: after each). The cause's own finding says what to change.
+SYMPTOMS: dict[str, tuple[str, ...]] = {
+    "gradients_not_cleared": (
+        "exploding_gradients",
+        "divergence",
+        "gradient_spike",
+        "update_ratio",
+        "dead_units",
+        "saturated_activations",
+    ),
+}
+
+
+def symptom_of_open_cause(finding: Finding, findings: list[Finding]) -> bool:
+    """Whether ``finding`` is a symptom (:data:`SYMPTOMS`) of a cause whose latest finding in ``findings``
+    (the run's so far, newest last) is still open (not an ``info`` one saying it ended)."""
+    causes = [cause for cause, symptoms in SYMPTOMS.items() if finding.rule in symptoms]
+    for earlier in reversed(findings if causes else []):
+        if earlier.rule in causes:
+            return earlier.severity != "info"
+    return False
+
+
 Publish = Callable[[list[Finding]], None]
 Record = Callable[[Action], None]
 
@@ -147,6 +174,8 @@ class Responder:
                 continue  # a rollback in this read already went back past what these findings saw
             if trend_only(finding, self.findings(), self._rolled_back_at):
                 continue
+            if symptom_of_open_cause(finding, self.findings()):
+                continue  # the cause is in the user's loop: its own finding says what to change
             order = LADDER.get(finding.rule, ())
             answering = sorted(
                 (r for r in self.remedies if finding.rule in r.answers),
