@@ -153,7 +153,7 @@ class Watch:
         meta.update(events_path=events_path, setup=setup)
         self.monitor.bind(self.module, sinks, meta=meta, context=context)
         if self.monitor.sinks:
-            log.info(format_setup(self.monitor.setup))
+            log.debug(format_setup(self.monitor.setup))
         self._hook = self.module.register_forward_pre_hook(self._before_forward)
 
     # ------------------------------------------------------------------ public attributes
