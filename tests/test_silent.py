@@ -64,9 +64,12 @@ def alarms(watched, rule: str) -> list:
     return [f for f in watched.findings if f.rule == rule and f.severity != "info"]
 
 
-def plain_loop(loader, epochs, *, epoch_given=True, freeze_at=None, zero_grad=True, accumulate=1, **kw):
+def plain_loop(
+    loader, epochs, *, epoch_given=True, freeze_at=None, zero_grad=True, accumulate=1, assign=False, **kw
+):
     """A user's loop under ``Watch``: forward, backward, ``watch.step``, ``zero_grad`` (or not), with
-    ``accumulate`` micro-batches a step; ``freeze_at``: from that step on the loop reuses one batch."""
+    ``accumulate`` micro-batches a step; ``freeze_at``: from that step on the loop reuses one batch;
+    ``assign``: ``torch.autograd.grad`` and ``p.grad = g`` instead of ``backward`` (no zero_grad needed)."""
     torch.manual_seed(0)
     model = DigitsMLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -78,7 +81,12 @@ def plain_loop(loader, epochs, *, epoch_given=True, freeze_at=None, zero_grad=Tr
                 kept = kept or (x, y)
                 x, y = kept
             loss = torch.nn.functional.cross_entropy(model(x), y)
-            (loss / accumulate).backward()
+            if assign:
+                params = list(model.parameters())
+                for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                    p.grad = g
+            else:
+                (loss / accumulate).backward()
             if (i + 1) % accumulate:
                 continue
             watch.step(loss, epoch=epoch if epoch_given else None)
@@ -172,6 +180,8 @@ def test_a_plain_loop_without_zero_grad_is_named_at_the_first_read_after_step_0(
     accumulating = plain_loop(digits_loader(16), 2, accumulate=4)
     assert accumulating.global_step > 40 and not alarms(accumulating, "gradients_not_cleared")
     assert alarms(plain_loop(digits_loader(16), 2, accumulate=4, zero_grad=False), "gradients_not_cleared")
+    # gradients assigned, not added in (p.grad = g from torch.autograd.grad): nothing to clear
+    assert not alarms(plain_loop(digits_loader(), 2, zero_grad=False, assign=True), "gradients_not_cleared")
 
 
 def test_no_remedy_answers_the_symptoms_of_gradients_never_cleared(tmp_path):

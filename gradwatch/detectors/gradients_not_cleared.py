@@ -11,8 +11,8 @@ from gradwatch.stats import Stats
 
 class GradientsNotCleared(Detector):
     """At a scheduled step, every watched parameter that got a gradient found ``.grad`` holding a nonzero
-    gradient at each arrival (``gradwatch/probes/leftover.py``): nothing cleared it since the last
-    optimizer step. The optimizer then steps with the sum of all gradients since the start, momentum with a
+    gradient each time a backward added one in (``gradwatch/probes/leftover.py``): nothing cleared it
+    since the last optimizer step. The optimizer then steps with the sum of all gradients since the start, momentum with a
     coefficient of 1: the update grows step after step and the run blows up within tens of steps (found at
     step 69 as ``exploding_gradients`` before this rule, and the remedies for that made it worse).
 
@@ -21,6 +21,8 @@ class GradientsNotCleared(Detector):
     gradient, which is all the probe asks. Lightning's automatic optimization always clears; the bug shows
     in plain and Fabric loops (``gradwatch.Watch``) and under manual optimization (``opt.step()`` without
     ``opt.zero_grad()``), and in an overridden ``optimizer_zero_grad`` that does nothing.
+    Gradients a loop assigns itself (``p.grad = g`` from ``torch.autograd.grad``) are not added in, and
+    not judged.
 
     Threshold: exact (a leftover is nonzero or it is not), on one read; the first read after the first
     optimizer step can see it. While this is open no remedy answers the gradient rules' findings

@@ -7,13 +7,16 @@ on a few parameters the optimizer steps (:data:`WATCHED`, the smallest: biases, 
 was cleared since the last optimizer step (``zero_grad`` sets it to ``None``, or to zeros), some arrival
 finds it ``None`` or all zeros; gradients accumulated on purpose over micro-batches of one step
 (Lightning's ``accumulate_grad_batches``, a plain loop that calls ``backward`` k times per
-``optimizer.step``) start from a cleared gradient too. Only when every arrival of the step finds a
-nonzero gradient is the parameter's gradient left over from earlier optimizer steps.
+``optimizer.step``) start from a cleared gradient too. Only when every gradient added in during the step
+found a nonzero one already there is the parameter's gradient left over from earlier optimizer steps. A
+second hook (``register_post_accumulate_grad_hook``) confirms each arrival was added in: gradients that
+``torch.autograd.grad`` returns (a loop that assigns ``p.grad = g`` itself, overwriting) add nothing, and
+are not judged.
 
 The window is the scheduled step's first batch (from its ``batch_start`` to its batch end: every backward
 of a plain loop's step, and a Trainer's first micro-batch, whose backward follows Lightning's
-``zero_grad``). Cost: hooks registered and removed once per scheduled step; per arrival a ``!= 0`` test
-of a watched gradient, and at the first two norms: device ops on two small tensors, no host read.
+``zero_grad``). Cost: four hooks registered and removed once per scheduled step; per arrival a ``!= 0``
+test of a watched gradient, and at the first two norms: device ops on two small tensors, no host read.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ WATCHED = 2
 #: The row per scheduled step: watched, fired (got a gradient), stale (every arrival found a gradient
 #: left over), the left-over and the new gradients' squared norms at the first arrival (summed).
 FIELDS = 5
+#: What an arriving gradient found when ``.grad`` was ``None`` (cleared).
+CLEARED = "cleared"
 
 
 class LeftoverProbe:
@@ -44,6 +49,7 @@ class LeftoverProbe:
         self._stale: list[torch.Tensor | None] = []  # per watched parameter: all arrivals so far stale
         self._sq: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # (held, new) at the first arrival
         self._cleared: list[bool] = []
+        self._pending: list[Any] = []  # per watched parameter: what the arriving gradient found, until added
 
     def choose(self, params: list[torch.Tensor]) -> None:
         """Pick the watched parameters, once: the :data:`WATCHED` smallest with a dense gradient now."""
@@ -61,30 +67,47 @@ class LeftoverProbe:
         return bool(self._handles)
 
     def arm(self) -> None:
-        """Open a window: hook the watched parameters."""
+        """Open a window: hook the watched parameters (before and after autograd adds a gradient in)."""
         self.disarm()
         n = len(self.params)
-        self._stale, self._sq, self._cleared = [None] * n, [None] * n, [False] * n
-        self._handles = [p.register_hook(self._hook(i, p)) for i, p in enumerate(self.params)]
+        self._stale, self._sq, self._cleared, self._pending = [None] * n, [None] * n, [False] * n, [None] * n
+        for i, p in enumerate(self.params):
+            self._handles.append(p.register_hook(self._arriving(i, p)))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._added(i)))
 
-    def _hook(self, i: int, param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def _arriving(self, i: int, param: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def seen(grad: torch.Tensor) -> None:  # before autograd adds ``grad`` into ``param.grad``
-            held = param.grad
             if self._cleared[i]:
                 return
+            held = param.grad
             if held is None or held.layout != torch.strided or grad.layout != torch.strided:
-                self._cleared[i] = held is None or self._stale[i] is None  # (a sparse one: not judged)
+                self._pending[i] = CLEARED  # (a sparse gradient is not judged)
                 return
-            nonzero = (held != 0).any()
-            first = self._stale[i] is None
-            self._stale[i] = nonzero if first else self._stale[i] & nonzero
-            if first:
-                self._sq[i] = (
+            norms = None
+            if self._stale[i] is None:  # the first gradient added in: its norms for the message
+                norms = (
                     torch.linalg.vector_norm(held.detach()).double().square(),
                     torch.linalg.vector_norm(grad.detach()).double().square(),
                 )
+            self._pending[i] = ((held != 0).any(), norms)
 
         return seen
+
+    def _added(self, i: int) -> Callable[[torch.Tensor], None]:
+        def added(param: torch.Tensor) -> None:  # it was added in: a backward (torch.autograd.grad adds none)
+            pending, self._pending[i] = self._pending[i], None
+            if pending is None or self._cleared[i]:
+                return
+            if pending is CLEARED:
+                self._cleared[i] = True
+                return
+            nonzero, norms = pending
+            if self._stale[i] is None:
+                self._stale[i], self._sq[i] = nonzero, norms
+            else:
+                self._stale[i] = self._stale[i] & nonzero
+
+        return added
 
     def take(self, device: torch.device) -> torch.Tensor:
         """Close the window: ``[watched, fired, stale, held_sq, new_sq]`` on ``device`` (zeros where it
