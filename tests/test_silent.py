@@ -385,3 +385,47 @@ def test_programs_raise_no_setup_finding(tmp_path, program):
     trainer(tmp_path, [mon], logger=False, max_steps=100).fit(program(), loader)
     setup_rules = {"eval_mode_training", "unoptimized_parameters", "frozen_weights"}
     assert not {f.rule for f in mon.findings} & setup_rules, [str(f) for f in mon.findings]
+
+
+class FullBatchGCN(pl.LightningModule):
+    """A two-layer GCN on one graph, full batch (Kipf & Welling's setup): every step's batch is the same
+    sparse normalized adjacency, node features and labels, one batch an epoch: legitimately repeated."""
+
+    def __init__(self, nodes: int = 200, features: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, classes, (nodes,), generator=g)
+        same = (labels[:, None] == labels[None, :]) & (torch.rand(nodes, nodes, generator=g) < 0.05)
+        adj = (same | same.T | torch.eye(nodes, dtype=torch.bool)).float()
+        d = adj.sum(1).rsqrt()
+        self.graph = (
+            (d[:, None] * adj * d[None, :]).to_sparse(),
+            torch.randn(nodes, features, generator=g),
+            labels,
+        )
+        self.lin1, self.lin2 = torch.nn.Linear(features, 32), torch.nn.Linear(32, classes)
+
+    def forward(self, adj, x):
+        h = torch.relu(torch.sparse.mm(adj, self.lin1(x)))
+        return torch.sparse.mm(adj, self.lin2(h))
+
+    def training_step(self, batch, batch_idx):
+        adj, x, y = batch
+        return torch.nn.functional.cross_entropy(self(adj, x), y)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader([self.graph], batch_size=None)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_full_batch_training_on_a_sparse_graph_trains_and_is_no_repeated_batch(tmp_path):
+    """Before: the input probe raised "reshape is not implemented for sparse tensors" at step 0."""
+    from gradwatch.probes import first_float_tensor
+
+    monitor = gradwatch.HealthMonitor(remedies="off", events_path=str(tmp_path / "gcn.jsonl"))
+    model = FullBatchGCN()
+    trainer(tmp_path, [monitor], logger=False, max_epochs=60).fit(model)
+    assert monitor.monitor.steps_seen == 60 and "repeated_batch" not in rules_of(monitor)
+    assert first_float_tensor(model.graph) is model.graph[1]  # the node features' range, not the adjacency's

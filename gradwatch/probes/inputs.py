@@ -10,9 +10,12 @@ import torch
 
 
 def first_float_tensor(batch: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in a batch (tensor, tuple/list, or dict), depth first."""
+    """The first dense floating-point tensor in a batch (tensor, tuple/list, or dict), depth first; sparse
+    and nested tensors (a graph's adjacency) are passed over: their range is not an input scale, and
+    reshaping one raised."""
     if isinstance(batch, torch.Tensor):
-        return batch if batch.is_floating_point() else None
+        dense = batch.layout == torch.strided and not batch.is_nested
+        return batch if dense and batch.is_floating_point() else None
     if isinstance(batch, Mapping):
         batch = list(batch.values())
     if isinstance(batch, list | tuple):
