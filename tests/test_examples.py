@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from gradwatch.sinks.events import read_events
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -64,7 +66,10 @@ def test_fabric_example_under_ddp_on_two_cpu_processes(tmp_path):
     text = _run_example(
         "fabric_loop.py", "--devices", "2", "--epochs", "3", "--out", str(tmp_path), cwd=tmp_path
     )
-    assert "world_size=2" in text and "loop=fabric" in text
+    (summary,) = [e for e in read_events(tmp_path / "gradwatch" / "events.jsonl") if e["kind"] == "summary"]
+    assert (
+        summary["setup"]["world_size"] == 2 and summary["setup"]["loop"] == "fabric"
+    )  # the setup line is DEBUG
     assert "findings: [('nonfinite', 15)" in text and "('gradient_spike', 35)" in text
     assert "actions: [('rollback', 15)" in text
     assert "rank 0: weights finite True" in text and "rank 1: weights finite True" in text
