@@ -10,7 +10,6 @@ as the Lightning callback; only the adapter differs. The loop calls :meth:`Watch
   (or ``scaler.step`` + ``update``) -> ``scheduler.step()`` -> ``Monitor.batch_end(loss)``;
 - ``watch.validation(val_loss)``: ``Monitor.validation_end``; early stopping sets ``watch.should_stop``;
 - ``watch.close()`` / leaving the ``with`` block: ``Monitor.finish`` (summary) and every hook removed.
-
 Like ``optimizer.step()``, ``watch.step`` does not zero the gradients.
 """
 

@@ -4,18 +4,16 @@ Which modules are watched, and how their output is read (see :class:`gradwatch.s
 
 - ReLU-family modules (``nn.ReLU``, ``nn.ReLU6``): zeros and dead units.
 - ``nn.Tanh``, ``nn.Sigmoid`` (and ``nn.Hardtanh``, ``nn.Hardsigmoid``): saturation.
-- ``nn.Linear`` and ``nn.Conv1d/2d/3d``: their pre-activation output, so that a model that calls
-  ``F.relu`` or ``torch.tanh`` inside ``forward`` is still covered: ``zero_frac`` is the fraction
-  ``<= 0`` (what ReLU would zero) and ``saturated_frac`` the fraction beyond ``|x| > 2.65`` (where
-  tanh is past 0.99).
+- ``nn.Linear`` and ``nn.Conv1d/2d/3d``: their pre-activation output, so that ``F.relu``/``torch.tanh``
+  in ``forward`` are covered: ``zero_frac`` is the fraction ``<= 0`` (what ReLU would zero),
+  ``saturated_frac`` the fraction with ``|x| > 2.65`` (where tanh is past 0.99).
 - Other activation modules (GELU, SiLU, ELU, LeakyReLU, ...): mean, std and max only.
 
-A module called more than once in a forward pass gives one summary per producer (the Linear/Conv whose
-output it read, seen by :mod:`gradwatch.probes.dataflow`): ``act@fc1``, ``act@fc2``; a module that ran for
-one producer keeps its own name, so unshared models keep their names and TensorBoard tags.
+A module called more than once in a forward gives one summary per producer (the Linear/Conv whose output
+it read, :mod:`gradwatch.probes.dataflow`): ``act@fc1``, ``act@fc2``; one producer: its own name (tags kept).
 
-Units are features for 2-D outputs ``(N, F)``, channels (dim 1) for convolution outputs and 4-D/5-D
-tensors, and the last dimension for 3-D outputs of non-convolution modules ``(N, T, F)``.
+Units: features of 2-D outputs ``(N, F)``, channels (dim 1) of convolutions and 4-D/5-D tensors, the
+last dimension of 3-D outputs of other modules ``(N, T, F)``.
 """
 
 from __future__ import annotations
@@ -235,8 +233,7 @@ class ActivationProbe:
         if not self.persistent:
             self.remove()
 
-    def remove(self) -> None:
-        """Remove every hook."""
+    def remove(self) -> None:  # every hook
         self.sampling = False
         for handle in self._handles:
             handle.remove()
@@ -291,8 +288,7 @@ class ActivationProbe:
         """``(names, kinds, stats[M, len(FIELDS)])`` of this rank's calls since :meth:`attach`, in module
         and call order (:meth:`stack` then :meth:`settle`, without the other ranks).
 
-        A module called for several producers (one ``nn.ReLU`` after fc1, fc2, fc3) has one entry per
-        producer, named ``act@fc1``, ...; a module that ran for one producer keeps its own name.
+        A module called for several producers has one entry per producer (``act@fc1``, ... as above).
         """
         first = next(iter(self._captured.values()), None)
         device = first[1].device if first is not None else torch.device("cpu")
