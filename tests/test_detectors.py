@@ -371,8 +371,14 @@ def test_frozen_weights_leaves_frozen_and_unoptimized_layers_alone():
     )
     for step in (0, 20):
         out = d.check(step, setup_stats(step, stats=dict(update_ratio=ratios), **setup))
+    # d: no optimizer holds it and it gets no gradient: a copy not trained by design (an EMA or teacher
+    # model, a DQN target network synced by load_state_dict), not a frozen layer
+    assert out == []
+    held = dict(setup, unheld_layers={"b": False, "c": True})  # d held by an optimizer, no gradient
+    for step in (40, 60):
+        out = d.check(step, setup_stats(step, stats=dict(update_ratio=ratios), **held))
     (f,) = out
-    assert f.layer == "d" and f.message.endswith("it gets no gradient, and no optimizer holds it")
+    assert f.layer == "d" and f.message.endswith("it gets no gradient")
 
 
 def test_eval_mode_training_names_the_region_at_once_and_resolves():

@@ -429,3 +429,99 @@ def test_full_batch_training_on_a_sparse_graph_trains_and_is_no_repeated_batch(t
     trainer(tmp_path, [monitor], logger=False, max_epochs=60).fit(model)
     assert monitor.monitor.steps_seen == 60 and "repeated_batch" not in rules_of(monitor)
     assert first_float_tensor(model.graph) is model.graph[1]  # the node features' range, not the adjacency's
+
+
+# ------------------------------------------------------------------------ review: healthy programs stay silent
+class BNDropoutWithVal(pl.LightningModule):
+    """The most ordinary Lightning program: BatchNorm and Dropout, and a validation loop (which puts the
+    model in eval mode; a read at validation end or at a checkpoint sees it so). With ``binary``, a
+    one-vs-rest BCE whose float targets are mostly 0 (every sample alike in that small tensor)."""
+
+    def __init__(self, binary: bool = False) -> None:
+        super().__init__()
+        self.binary = binary
+        out = 1 if binary else 10
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 64),
+            torch.nn.BatchNorm1d(64),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(64, out),
+        )
+
+    def _loss(self, batch):
+        x, y = batch
+        if self.binary:
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                self.net(x).squeeze(-1), (y == 0).float()
+            )
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_validation_in_eval_mode_is_not_training_in_eval_mode_and_float_targets_are_no_repeated_sample(
+    tmp_path,
+):
+    """Reads at a validation's end (early stopping) or at a checkpoint came with the model in eval mode:
+    eval_mode_training fired at every validation. Float 0/1 targets, the same for most samples of a batch,
+    were taken for a loader repeating one sample."""
+    train, val = digits_loaders()
+    for binary in (False, True):
+        monitor = gradwatch.HealthMonitor(events_path=str(tmp_path / f"e{binary}.jsonl"))
+        trainer(tmp_path, [monitor], logger=False, max_epochs=3, val_check_interval=0.5).fit(
+            BNDropoutWithVal(binary), train, val
+        )
+        assert not {"eval_mode_training", "repeated_batch"} & rules_of(monitor), [
+            f.message for f in monitor.findings if f.severity != "info"
+        ]
+
+
+class Distill(pl.LightningModule):
+    """Knowledge distillation: a teacher held in eval mode and run under no_grad, an EMA copy updated by
+    hand; ``Adam(self.parameters())`` holds the teacher too (as in many examples), the EMA copy is held by
+    no optimizer. Neither is trained, by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.teacher = torch.nn.Sequential(
+            torch.nn.Linear(64, 64),
+            torch.nn.BatchNorm1d(64),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 10),
+        ).eval()
+        self.ema = torch.optim.swa_utils.AveragedModel(self.student)
+
+    def training_step(self, batch, batch_idx):
+        self.teacher.eval()  # Lightning puts the whole module in train mode each epoch
+        x, y = batch
+        with torch.no_grad():
+            soft = self.teacher(x).softmax(-1)
+        logits = self.student(x)
+        return F.cross_entropy(logits, y) + F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.ema.update_parameters(self.student)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_a_teacher_in_eval_mode_is_not_training_in_eval_mode(tmp_path):
+    """The teacher (eval, no_grad, held by Adam) was called training in eval mode. (frozen_weights still
+    says its layers and the EMA copy's get no gradient: they are held by an optimizer, as a detached
+    layer is; ``requires_grad_(False)`` on them says they are frozen on purpose.)"""
+    monitor = gradwatch.HealthMonitor(events_path=str(tmp_path / "e.jsonl"))
+    trainer(tmp_path, [monitor], logger=False, max_epochs=2).fit(Distill(), digits_loaders()[0])
+    assert not {"eval_mode_training", "unoptimized_parameters"} & rules_of(monitor), [
+        f.message for f in monitor.findings if f.severity != "info"
+    ]

@@ -76,6 +76,6 @@ class FrozenWeights(Detector):
 
 def _left_alone(setup: ModelSetup) -> set[str]:
     """Layers frozen on purpose, or that ``unoptimized_parameters`` judges (see the class docstring)."""
-    with_grads = {layer for layer, _, _, grad in setup.unoptimized.values() if grad}
-    unheld = {la for la, in_eval in setup.unheld_layers.items() if in_eval or la in with_grads}
-    return set(setup.frozen_layers) | unheld
+    # a layer no optimizer holds is either unoptimized_parameters' (it gets gradients) or not trained by
+    # design (an EMA or teacher copy, a target network synced by load_state_dict): never this rule's
+    return set(setup.frozen_layers) | set(setup.unheld_layers)

@@ -97,9 +97,13 @@ class RepeatedBatch(Detector):
         )
 
     def _samples(self, step: int, stats: Stats, batch: BatchStats) -> list[Finding]:
-        """Every sample of a floating tensor identical to the first, on two reads in a row, while the batch
-        changed between them (a constant input, the same at every read, is left alone)."""
-        slot = next((i for i, same in enumerate(batch.identical) if same), None)
+        """Every sample of the batch's largest tensor (the input) identical to the first, on two reads in a
+        row, while the batch changed between them (a constant input, the same at every read, is left
+        alone)."""
+        # the largest tensor is the input; a small one with one value per batch (a constant weight, float
+        # targets mostly 0) is identical across samples by nature
+        largest = max(range(len(batch.moments)), key=lambda i: batch.moments[i][0], default=None)
+        slot = largest if largest is not None and batch.identical[largest] else None
         changed = self.last is not None and self.last[3] != [list(m) for m in batch.moments]
         if slot is None:
             self.same_reads = 0

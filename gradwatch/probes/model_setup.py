@@ -81,11 +81,25 @@ class ModelSetupProbe:
             self._by_layer.setdefault(layer_of(name), []).append(p)
         self._view: tuple[dict, dict, list] = ({}, {}, [])
         self._view_key: tuple[int, int, int] | None = None
+        #: module modes as a training batch saw them (:meth:`capture`): a read that comes at a validation
+        #: or a checkpoint, with the model put in eval by the loop, judges the modes it trained in
+        self._modes: dict[int, bool] = {}
+
+    def capture(self) -> None:
+        """A scheduled step's training batch starts: note the modes its forward runs in."""
+        self._modes = {id(m): m.training for m in self.model.modules()}
+
+    def _training(self, m: nn.Module) -> bool:
+        return self._modes.get(id(m), m.training)
 
     # ------------------------------------------------------------------ device: with the read
     def queue(self, transfer: Transfer) -> None:
         """Queue the running statistics of the norm layers in training mode (ranks average them)."""
-        live = [(n, m) for n, m, _ in self.watched if isinstance(m, NORMS) and m.training and tracks_stats(m)]
+        live = [
+            (n, m)
+            for n, m, _ in self.watched
+            if isinstance(m, NORMS) and self._training(m) and tracks_stats(m)
+        ]
         live = [(n, m) for n, m in live if m.num_batches_tracked is not None]
         self._queued = [n for n, _ in live]
         if not live:
@@ -135,8 +149,8 @@ class ModelSetupProbe:
             self._view, self._view_key = self._find_unheld(held), key
         unheld, layers, foreign = self._view
         for name, (p, module, layer) in unheld.items():
-            setup.unoptimized[name] = (layer, p.numel(), not module.training, p.grad is not None)
-        setup.unheld_layers = {layer: not module.training for layer, module in layers.items()}
+            setup.unoptimized[name] = (layer, p.numel(), not self._training(module), p.grad is not None)
+        setup.unheld_layers = {layer: not self._training(module) for layer, module in layers.items()}
         stale = [p for p in foreign if p.grad is None]
         setup.foreign = (len(stale), sum(p.numel() for p in stale))
 
@@ -166,11 +180,11 @@ class ModelSetupProbe:
         regions: dict[str, list[str]] = {}
         trained: dict[int, bool] = {}  # per region root, once a read
         for name, m, ancestors in self.watched:
-            if m.training:
+            if self._training(m):
                 continue
             root_name, root = name, m
             for a_name, a in reversed(ancestors):  # up from the parent, while in eval mode
-                if a.training:
+                if self._training(a):
                     break
                 root_name, root = a_name, a
             own = list(m.parameters(recurse=False))
@@ -184,8 +198,10 @@ class ModelSetupProbe:
 
 
 def _trains(params: Any, held: dict[int, torch.Tensor] | None) -> bool:
-    """Whether any of ``params`` is trained: requires a gradient and (optimizers known) is held by one."""
-    return any(p.requires_grad and (held is None or id(p) in held) for p in params)
+    """Whether any of ``params`` is trained: requires a gradient, (optimizers known) is held by one, and
+    got a gradient (a teacher run under ``no_grad`` in eval mode, held by ``Adam(self.parameters())``,
+    is not trained)."""
+    return any(p.requires_grad and p.grad is not None and (held is None or id(p) in held) for p in params)
 
 
 def _ancestors(name: str) -> list[str]:

@@ -96,6 +96,7 @@ class ProbeSet:
         if self._probed_step == step:
             return
         self._probed_step = step
+        self.setup.capture()  # the modes this training batch runs in (a later read may come at validation)
         self.leftover.arm()
         if self.inputs:  # the same layout on every rank (ranks add the rows up, with a count)
             self._transfer.add("batch", fingerprint(batch, self.layout.device), SUM)
