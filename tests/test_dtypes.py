@@ -386,3 +386,27 @@ def test_per_sample_loss(tmp_path, opts, gw_log):
     model = PerSample()
     data = digits_loaders()[0]
     watch_loop(tmp_path, model, model.configure_optimizers(), data, model.loss_of, opts, gw_log, skipped=0)
+
+
+class LazyNet(pl.LightningModule):
+    """``nn.LazyLinear`` and ``nn.LazyBatchNorm1d``: no shapes, no buffers' values until the first forward.
+    gradwatch's bind copied the buffers for skip_step and crashed ("uninitialized parameter")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.LazyLinear(64), torch.nn.LazyBatchNorm1d(), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_lazy_modules_train_with_the_defaults(tmp_path):
+    monitor = gradwatch.HealthMonitor(events_path=str(tmp_path / "events.jsonl"))
+    trainer(tmp_path, [monitor], logger=False, max_epochs=1).fit(LazyNet(), digits_loaders()[0])
+    assert monitor.summary["status"] == "finished" and monitor.summary["steps"] == 23

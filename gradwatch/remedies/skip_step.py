@@ -7,6 +7,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from gradwatch.errors import ConfigError, check_positive_int, did_you_mean
 from gradwatch.findings import Action, Finding
@@ -88,7 +89,8 @@ class SkipStep(Remedy):
         self._post_hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def bind(self, model: torch.nn.Module) -> None:
-        self._buffers = list(model.buffers())
+        # a lazy module's buffers have no value until its first forward: kept from the first batch on
+        self._buffers = [b for b in model.buffers() if not is_lazy(b)]
         self._saved = [b.detach().clone() for b in self._buffers]
 
     def on_device(self, optimizers: list[torch.optim.Optimizer], world_size: int, horizon: int) -> bool:
