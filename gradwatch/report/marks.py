@@ -66,14 +66,14 @@ def loss_marks(findings: list[Finding], actions: list[Action], max_marks: int = 
         np.minimum.at(first, bins, steps)
         used = worst >= 0
         for sev in SEVERITIES:
-            marks.lines[sev] = first[used & (worst == sev.rank)].tolist()
+            marks.lines[sev] = first[used & (worst == sev.rank)].tolist()  # sync: none, NumPy
         notes.append(
             f"{len(findings)} findings at {len(unique)} steps: drawn as {int(used.sum())} lines, one per "
             f"{width}-step bin (colour: the worst severity in the bin)"
         )
     else:
         for sev in SEVERITIES:
-            marks.lines[sev] = np.unique(steps[ranks == sev.rank]).tolist()
+            marks.lines[sev] = np.unique(steps[ranks == sev.rank]).tolist()  # sync: none, NumPy
     named: dict[tuple[int, str], Severity] = {}
     for f in findings:
         key = (f.step, f.rule)
@@ -89,12 +89,12 @@ def loss_marks(findings: list[Finding], actions: list[Action], max_marks: int = 
     if len(act) > max_marks:
         first = np.unique(lo + _bins(act, lo, width) * width)  # each bin's start ...
         first = act[np.searchsorted(act, first)]  # ... moved to the first action in it
-        marks.actions = first.tolist()
+        marks.actions = first.tolist()  # sync: none, NumPy
         notes.append(
             f"{len(actions)} actions at {len(act)} steps: drawn as {len(first)} triangles, one per "
             f"{width}-step bin"
         )
     else:
-        marks.actions = act.tolist()
+        marks.actions = act.tolist()  # sync: none, NumPy
     marks.note = "; ".join(notes) + "." if notes else None
     return marks
