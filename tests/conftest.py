@@ -28,3 +28,10 @@ def loaders():
     from models import digits_loaders
 
     return digits_loaders()
+
+
+@pytest.fixture
+def gw_log(caplog):
+    """caplog at INFO for gradwatch's logger (it propagates: import gradwatch leaves that alone)."""
+    caplog.set_level(logging.INFO, logger="gradwatch")
+    return caplog

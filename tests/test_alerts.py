@@ -71,18 +71,6 @@ def server_factory():
         s.close()
 
 
-@pytest.fixture
-def gw_log(caplog):
-    logger = logging.getLogger("gradwatch")
-    direct = not logger.propagate  # gradwatch stops propagation when it set up its own handler
-    if direct:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="gradwatch")
-    yield caplog
-    if direct:
-        logger.removeHandler(caplog.handler)
-
-
 def _alert_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("gradwatch alerts:")]
 
@@ -252,7 +240,6 @@ def test_bad_alert_targets_fail_at_construction(alerts, match):
 def test_no_log_line_carries_the_urls_secret(url, caplog):
     """A delivery that fails for any reason is reported by scheme and host only: never the path, the
     query or the userinfo, whatever urllib's own message quotes."""
-    import logging
 
     from gradwatch.findings import Finding, Severity
     from gradwatch.sinks.alerts import Alerts

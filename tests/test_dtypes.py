@@ -6,7 +6,6 @@ said in at most one log line per run."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -28,18 +27,6 @@ REMEDIES = [pytest.param({}, id="auto"), pytest.param({"remedies": "off"}, id="o
 EPOCHS, BATCHES = 2, 15  # 30 optimizer steps a run
 #: What a skip line says: at most one such line per run.
 SKIPPED = "not measured"
-
-
-@pytest.fixture
-def gw_log(caplog):
-    logger = logging.getLogger("gradwatch")
-    direct = not logger.propagate  # gradwatch stops propagation when it set up its own handler
-    if direct:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="gradwatch")
-    yield caplog
-    if direct:
-        logger.removeHandler(caplog.handler)
 
 
 def reference(model: nn.Module) -> tuple[float, dict[str, float]] | None:

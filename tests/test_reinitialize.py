@@ -3,8 +3,6 @@ pass, not registration order), never touches frozen parameters, and never re-ini
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -61,18 +59,6 @@ class FrozenBackbone(Digits):
 
     def forward(self, x):
         return self.head(self.backbone(x))
-
-
-@pytest.fixture
-def gw_log(caplog):
-    logger = logging.getLogger("gradwatch")
-    direct = not logger.propagate  # gradwatch stops propagation when it set up its own handler
-    if direct:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="gradwatch")
-    yield caplog
-    if direct:
-        logger.removeHandler(caplog.handler)
 
 
 def fit(tmp_path, model, loader, remedies, detectors, max_steps=30, **kw) -> gradwatch.HealthMonitor:
